@@ -1,0 +1,117 @@
+"""Training throughput and model FLOP utilisation of the `small` preset on this machine.
+
+    python benchmarks/train_throughput.py [--preset small] [--batch-size N] [--seq-len 64] [--steps 10]
+
+Times full training steps (forward with loss, backward, grad clipping, AdamW) in fp32 and under bf16
+autocast, and the machine's matmul rate in the same run. MFU = 6 * params * tokens/s / matmul FLOP/s
+(the usual 6N FLOPs per token for forward + backward; attention scores are not counted).
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from wyckoffgpt.configuration_wyckoffgpt import PRESET_TRAINING
+from wyckoffgpt.modeling_wyckoffgpt import WyckoffGPTModel
+from wyckoffgpt.configuration_wyckoffgpt import WyckoffGPTConfig
+
+
+def vocab_fields() -> dict:
+    try:
+        from wyckoffgpt.vocab import default_vocab
+
+        return default_vocab().model_fields()
+    except Exception:  # the benchmark only needs plausible sizes
+        return dict(vocab_size=1300, coord_token_ids=[3, 4, 5], length_token_ids=[6, 7, 8], angle_token_ids=[9, 10, 11])
+
+
+def matmul_gflops(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best rate over a few large square matmuls."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def synthetic_batch(fields: dict, batch: int, seq_len: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random token ids with value tokens at a realistic rate (~1 in 4) and values in range."""
+    ids = torch.randint(12, fields["vocab_size"], (batch, seq_len), generator=gen)
+    value_ids = torch.tensor(fields["coord_token_ids"] + fields["length_token_ids"] + fields["angle_token_ids"])
+    is_value = torch.rand(batch, seq_len, generator=gen) < 0.25
+    ids = torch.where(is_value, value_ids[torch.randint(len(value_ids), (batch, seq_len), generator=gen)], ids)
+    ids[:, 0] = fields.get("bos_token_id", 1)
+    values = torch.where(is_value, torch.rand(batch, seq_len, generator=gen) * 0.98 + 0.01, torch.nan)
+    lengths = torch.isin(ids, torch.tensor(fields["length_token_ids"]))
+    angles = torch.isin(ids, torch.tensor(fields["angle_token_ids"]))
+    values = torch.where(lengths, 3 + 10 * values, torch.where(angles, 60 + 60 * values, values))
+    return {"input_ids": ids, "input_values": values}
+
+
+def tokens_per_second(model, batch, steps: int, bf16: bool) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-3, foreach=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(**batch, compute_loss=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up: allocator, kernels
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    return batch["input_ids"].numel() * steps / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's training batch size")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    fields = vocab_fields()
+    batch_size = args.batch_size or PRESET_TRAINING[args.preset]["batch_size"]
+    model = WyckoffGPTModel(WyckoffGPTConfig.from_preset(args.preset, **fields)).train()
+    params = model.num_parameters()
+    batch = synthetic_batch(fields, batch_size, args.seq_len, torch.Generator().manual_seed(0))
+
+    gflops_fp32 = matmul_gflops(torch.float32)
+    gflops_bf16 = matmul_gflops(torch.bfloat16)
+    tps_fp32 = tokens_per_second(model, batch, args.steps, bf16=False)
+    tps_bf16 = tokens_per_second(model, batch, args.steps, bf16=True)
+    result = {
+        "preset": args.preset,
+        "params": params,
+        "batch_size": batch_size,
+        "seq_len": args.seq_len,
+        "threads": torch.get_num_threads(),
+        "tokens_per_s_fp32": round(tps_fp32, 1),
+        "tokens_per_s_bf16": round(tps_bf16, 1),
+        "matmul_gflops_fp32": round(gflops_fp32, 1),
+        "matmul_gflops_bf16": round(gflops_bf16, 1),
+        "mfu_fp32": round(6 * params * tps_fp32 / (gflops_fp32 * 1e9), 3),
+        "mfu_bf16": round(6 * params * tps_bf16 / (gflops_bf16 * 1e9), 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Tokenize a set of crystal structures into a training dataset.
+
+    python data_prep/prepare.py --input X --out DIR [--limit N] [--workers K] [--seed S]
+
+X is a CSV with a `cif` column (optional `e_above_hull`, `material_id`), a folder of .cif files,
+or an extxyz file. Every core is used (--workers, default all). Rows that cannot be used are
+skipped and counted by reason, never fatal. DIR receives the memory-mapped dataset
+(wyckoffgpt.data layout, a seeded 90/10 train/val split) and report.json, also printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from wyckoffgpt.data import write_dataset
+from wyckoffgpt.structure_io import InputError, iter_records, parse_structure
+from wyckoffgpt.symmetry import EncodeError
+from wyckoffgpt.tokenizer import CrystalTokenizer
+
+_TOKENIZER: CrystalTokenizer | None = None
+_OPTS: dict = {}
+
+
+def _init(symprec: float, max_sites: int, keep_p1: bool) -> None:
+    global _TOKENIZER
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _TOKENIZER = CrystalTokenizer(symprec=symprec)
+    _OPTS.update(max_sites=max_sites, keep_p1=keep_p1)
+
+
+def _skip_reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker, reason in [("unreadable CIF", "unreadable CIF"), ("not in the vocabulary", "unknown element"),
+                           ("partial occupancies", "disordered"), ("no symmetry", "no symmetry found"),
+                           ("elements, more than", "too many elements"), ("no atoms", "empty structure")]:
+        if marker in text:
+            return reason
+    return f"encode error: {text[:80]}"
+
+
+def process(rec) -> tuple[str, object]:
+    """('ok', (key, ids, values, n_sites, space group, stability token)) or ('skip', reason)."""
+    try:
+        structure = parse_structure(rec)
+        seq = _TOKENIZER.encode(structure, rec.e_above_hull)
+    except (ValueError, EncodeError) as exc:
+        return "skip", _skip_reason(exc)
+    sg = int(seq.tokens[[t.startswith("sg:") for t in seq.tokens].index(True)][3:])
+    if sg == 1 and not _OPTS["keep_p1"]:
+        return "skip", "P1"
+    n_sites = sum(t.startswith("w") for t in seq.tokens)
+    if n_sites > _OPTS["max_sites"]:
+        return "skip", "too many sites"
+    return "ok", (rec.key, seq.ids.astype(np.int16), seq.values.astype(np.float32), n_sites, sg, seq.tokens[1])
+
+
+def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, workers: int | None = None,
+            seed: int = 0, val_fraction: float = 0.1, symprec: float = 0.01, max_sites: int = 20,
+            keep_p1: bool = False, progress: bool = True) -> dict:
+    """Tokenize `input_path` into the dataset folder `out`; returns the report."""
+    from tqdm import tqdm
+
+    records = iter_records(input_path, limit)
+    workers = workers or os.cpu_count() or 1
+    kept, skipped, read = [], Counter(), 0
+    stability = Counter()
+    with Pool(workers, initializer=_init, initargs=(symprec, max_sites, keep_p1)) as pool:
+        for status, payload in tqdm(pool.imap(process, records, chunksize=32), disable=not progress,
+                                    desc="tokenizing", unit="row", mininterval=1.0):
+            read += 1
+            if status == "ok":
+                kept.append(payload)
+                stability[payload[5]] += 1
+            else:
+                skipped[payload] += 1
+    if not kept:
+        raise InputError(f"no usable structure in {input_path} ({read} rows read; skipped: {dict(skipped)})")
+    order = np.random.default_rng(seed).permutation(len(kept))
+    n_val = int(round(len(kept) * val_fraction))
+    splits = {"val": [kept[i] for i in order[:n_val]], "train": [kept[i] for i in order[n_val:]]}
+    meta = {**CrystalTokenizer().vocab.model_fields(), "source": str(input_path), "seed": seed,
+            "material_ids": {k: [p[0] for p in v] for k, v in splits.items()}}
+    write_dataset(out, {k: [(p[1], p[2]) for p in v] for k, v in splits.items()}, meta)
+    lengths = np.array([len(p[1]) for p in kept])
+    edges = list(range(0, int(lengths.max()) + 11, 10))
+    hist, _ = np.histogram(lengths, bins=edges)
+    report = {
+        "input": str(input_path), "rows_read": read, "kept": len(kept), "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(skipped.most_common()), "train": len(splits["train"]), "val": len(splits["val"]),
+        "stability": dict(stability), "max_sites": max_sites,
+        "sites_max": int(max(p[3] for p in kept)), "length_max": int(lengths.max()),
+        "length_median": float(np.median(lengths)),
+        "length_histogram": {f"{lo}-{lo + 9}": int(c) for lo, c in zip(edges[:-1], hist) if c},
+    }
+    Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="CSV with a cif column, folder of .cif files, or extxyz")
+    parser.add_argument("--out", required=True, help="dataset folder to write")
+    parser.add_argument("--limit", type=int, help="read at most this many rows")
+    parser.add_argument("--workers", type=int, help="processes (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--symprec", type=float, default=0.01, help="spglib tolerance, Å")
+    parser.add_argument("--max-sites", type=int, default=20, help="skip crystals with more Wyckoff sites")
+    parser.add_argument("--keep-p1", action="store_true", help="keep structures without symmetry (P1)")
+    args = parser.parse_args(argv)
+    try:
+        report = prepare(args.input, args.out, args.limit, args.workers, args.seed, symprec=args.symprec,
+                         max_sites=args.max_sites, keep_p1=args.keep_p1)
+    except (InputError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

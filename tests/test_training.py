@@ -1,0 +1,195 @@
+"""Dataset format and the training loop: export, resume, accumulation, precision, errors, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from synthetic_data import BOS, EOS, PAD, VOCAB, make_sequences, write_synthetic_dataset
+from transformers import AutoModel
+
+import wyckoffgpt  # noqa: F401  (registers the Auto classes)
+from wyckoffgpt.data import DatasetError, SequenceDataset, collate, load_meta, write_dataset
+from wyckoffgpt.training import TrainConfig, TrainingError, train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "syn", n_train=64, n_val=16, seed=0)
+
+
+def quick(data: Path, out: Path, **kw) -> TrainConfig:
+    defaults = dict(model_preset="tiny", batch_size=8, max_steps=6, eval_every=3, log_every=1, save_every=0, progress=False)
+    return TrainConfig(data_dir=str(data), out_dir=str(out), **{**defaults, **kw})
+
+
+def log_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "train_log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+# -- dataset format ------------------------------------------------------------------------------
+
+
+def test_dataset_round_trip(tmp_path):
+    seqs = make_sequences(5, seed=3)
+    write_dataset(tmp_path / "d", {"train": seqs, "val": seqs[:2]}, VOCAB)
+    meta = load_meta(tmp_path / "d")
+    assert meta["format"] == "wyckoffgpt-dataset-v1"
+    assert meta["splits"] == {"train": 5, "val": 2}
+    assert meta["max_length"] == max(len(i) for i, _ in seqs)
+    assert np.load(tmp_path / "d" / "train.ids.npy").dtype == np.int16
+    assert not [p for p in (tmp_path / "d").iterdir() if p.name.endswith(".tmp")]
+    ds = SequenceDataset(tmp_path / "d", "train")
+    assert len(ds) == 5
+    for (ids, vals), (ref_ids, ref_vals) in zip((ds[i] for i in range(5)), seqs):
+        assert ids.tolist() == ref_ids.tolist() and ids[0] == BOS and ids[-1] == EOS
+        np.testing.assert_array_equal(vals.numpy(), ref_vals)  # NaN positions included
+    batch = collate([ds[0], ds[1]], PAD)
+    short = min(len(ds[0][0]), len(ds[1][0]))
+    longest = max(len(ds[0][0]), len(ds[1][0]))
+    assert batch["input_ids"].shape == (2, longest)
+    row = 0 if len(ds[0][0]) == short else 1
+    assert (batch["input_ids"][row, short:] == PAD).all() and batch["input_values"][row, short:].isnan().all()
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_meta(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="is empty"):
+        load_meta(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DatasetError, match="format 'something-else'"):
+        load_meta(tmp_path / "other")
+    with pytest.raises(DatasetError, match="start with bos"):
+        write_dataset(tmp_path / "bad", {"train": [(np.array([5, EOS]), np.array([np.nan, np.nan]))]}, VOCAB)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def test_train_exports_loadable_safetensors_model(dataset, tmp_path):
+    out = tmp_path / "model"
+    summary = train(quick(dataset, out))
+    assert summary["step"] == 6
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "README.md", "train_log.csv"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert not (out / "checkpoints").exists()
+    model = AutoModel.from_pretrained(out)
+    assert model.config.vocab_hash == VOCAB["vocab_hash"]
+    card = (out / "README.md").read_text()
+    assert str(dataset) in card and "Best validation loss: loss" in card
+    rows = log_rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[2]["val_loss"] and float(rows[-1]["tokens_per_s"]) > 0
+    # The loss parts are logged, and training lowers the loss.
+    assert all(rows[0][k] for k in ("token_loss", "coord_loss", "length_loss", "angle_loss"))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+
+def test_resumed_run_matches_uninterrupted(dataset, tmp_path):
+    # Dropout on, so the dropout RNG state must be restored too; 8 steps cross an epoch boundary.
+    kw = dict(max_steps=12, save_every=4, eval_every=4, model_overrides={"dropout": 0.1}, keep_checkpoints=True)
+    train(quick(dataset, tmp_path / "a", **kw))
+    assert train(quick(dataset, tmp_path / "b", stop_at_step=6, **kw))["exported"] is None
+    assert (tmp_path / "b" / "checkpoints" / "step-00000006").is_dir()
+    train(quick(dataset, tmp_path / "b", resume=True, **kw))
+    a, b = log_rows(tmp_path / "a"), log_rows(tmp_path / "b")
+    assert [r["step"] for r in b] == [str(s) for s in range(1, 13)]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "token_loss", "coord_loss", "val_loss", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grad_accumulation_normalises_by_target_tokens(dataset, tmp_path):
+    """Two micro-batches of 8 with accumulation give the same step as one batch of 16: the loss is
+    divided by the tokens of the whole step, not averaged over micro-batch means."""
+    one = train(quick(dataset, tmp_path / "one", batch_size=16, max_steps=2, eval_every=0))
+    two = train(quick(dataset, tmp_path / "two", batch_size=8, grad_accum_steps=2, max_steps=2, eval_every=0))
+    a, b = log_rows(tmp_path / "one"), log_rows(tmp_path / "two")
+    for ra, rb in zip(a, b):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5)
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert one["step"] == two["step"] == 2
+
+
+def test_bf16_mixed_precision_trains_on_cpu(dataset, tmp_path):
+    summary = train(quick(dataset, tmp_path / "bf16", mixed_precision="bf16", max_steps=8, eval_every=4))
+    rows = log_rows(tmp_path / "bf16")
+    losses = [float(r["loss"]) for r in rows]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.isfinite(summary["best_val"])
+    weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32
+
+
+def test_early_stopping(dataset, tmp_path):
+    # min_delta so large that no evaluation counts as an improvement after the first.
+    summary = train(quick(dataset, tmp_path / "es", max_steps=20, eval_every=1, patience=2, min_delta=1e9))
+    assert summary["step"] == 3
+    assert summary["stop_reason"].startswith("early stopping")
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_one_clear_error(dataset, tmp_path):
+    with pytest.raises(TrainingError, match="does not exist"):
+        train(quick(tmp_path / "nope", tmp_path / "o1"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match="is empty"):
+        train(quick(tmp_path / "empty", tmp_path / "o2"))
+    with pytest.raises(TrainingError, match="unknown model preset 'huge'"):
+        train(quick(dataset, tmp_path / "o3", model_preset="huge"))
+    with pytest.raises(TrainingError, match="fewer than one optimizer step"):
+        train(quick(dataset, tmp_path / "o4", batch_size=1000))
+
+    # Vocabulary mismatch: a model trained on another vocabulary.
+    other = tmp_path / "other-data"
+    write_dataset(other, {"train": make_sequences(16, 1)}, {**VOCAB, "vocab_hash": "another-vocab"})
+    train(quick(other, tmp_path / "other-model", max_steps=1, eval_every=0))
+    with pytest.raises(TrainingError, match="vocabulary mismatch.*another-vocab.*synthetic-v1"):
+        train(quick(dataset, tmp_path / "o5", init_from=str(tmp_path / "other-model")))
+
+
+def test_corrupt_checkpoint_is_reported(dataset, tmp_path):
+    out = tmp_path / "c"
+    train(quick(dataset, out, max_steps=6, stop_at_step=3))
+    ckpt = out / "checkpoints" / "step-00000003"
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TrainingError, match="checkpoint .*step-00000003 is corrupt"):
+        train(quick(dataset, out, max_steps=6, resume=True))
+    (ckpt / "trainer_state.json").write_text("{broken")
+    with pytest.raises(TrainingError, match="corrupt"):
+        train(quick(dataset, out, max_steps=6, resume=True))
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        train(quick(dataset, out, max_steps=6))
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout.strip() == "processes: 1"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0]

@@ -1,0 +1,139 @@
+"""Wyckoff description -> pymatgen Structure, and the sanity filters applied to decoded crystals.
+
+Orbit expansion is vectorized numpy over the tabulated operations (one op per centering
+coset, centering added by broadcasting): no per-atom Python loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+
+from .grammar import DecodeError, WyckoffDescription
+
+MAX_ATOMS = 2000  # a bound for arbitrary input, far above any crystal in the training data
+
+
+def lattice_from_free(crystal_system: str, free: dict[str, float]) -> Lattice:
+    a = free["a"]
+    b = free.get("b", a)
+    c = free.get("c", a)
+    alpha = free.get("alpha", 90.0)
+    beta = free.get("beta", 90.0)
+    gamma = free.get("gamma", 120.0 if crystal_system in ("trigonal", "hexagonal") else 90.0)
+    cos = np.cos(np.radians([alpha, beta, gamma]))
+    # Volume factor of a triclinic cell; <= 0 means the three angles cannot close a cell.
+    vol2 = 1 - (cos**2).sum() + 2 * cos.prod()
+    if not vol2 > 1e-8:
+        raise DecodeError(f"angles alpha={alpha:.4g}, beta={beta:.4g}, gamma={gamma:.4g} do not form a cell")
+    return Lattice.from_parameters(a, b, c, alpha, beta, gamma)
+
+
+def expand_sites(desc: WyckoffDescription) -> tuple[list[str], np.ndarray]:
+    """Species and fractional coordinates of every atom in the conventional cell."""
+    n_atoms = sum(s.position.multiplicity for s in desc.sites)
+    if n_atoms > MAX_ATOMS:
+        raise DecodeError(f"{n_atoms} atoms in the cell, more than the limit of {MAX_ATOMS}")
+    centering = desc.group.centering
+    species: list[str] = []
+    blocks = []
+    for site in desc.sites:
+        pos = site.position
+        v = np.zeros(3)
+        v[pos.free_axes] = site.free_values
+        orbit = pos.rotations @ v + pos.translations  # (n_ops, 3)
+        blocks.append((orbit[None, :, :] + centering[:, None, :]).reshape(-1, 3))
+        species.extend([site.element] * pos.multiplicity)
+    return species, np.concatenate(blocks) % 1.0
+
+
+def to_structure(desc: WyckoffDescription) -> Structure:
+    lattice = lattice_from_free(desc.group.crystal_system, desc.lattice)
+    species, coords = expand_sites(desc)
+    return Structure(lattice, species, coords)
+
+
+# -- filters ---------------------------------------------------------------------------------------
+
+DEFAULT_MIN_DISTANCE = 0.7  # Å; closer atoms mark a physically implausible structure
+DEFAULT_SYMPREC = 0.01  # Å; the same tolerance the tokenizer encodes with
+
+
+def shortest_lattice_vector(lattice: Lattice) -> float:
+    """Length of the shortest nonzero lattice vector: the distance from any atom to its own image."""
+    basis = lattice.get_lll_reduced_lattice().matrix
+    # In 3-D, the shortest vector of an LLL-reduced basis is among its small combinations.
+    coeffs = np.array(np.meshgrid(*[(-1, 0, 1)] * 3, indexing="ij")).reshape(3, -1).T
+    coeffs = coeffs[np.any(coeffs != 0, axis=1)]
+    return float(np.linalg.norm(coeffs @ basis, axis=1).min())
+
+
+def min_distance(structure: Structure) -> float:
+    """Smallest interatomic distance in Å over all periodic images, an atom's own images included
+    (so a lone atom gives the shortest lattice vector); 0 for two atoms at the same point."""
+    self_image = shortest_lattice_vector(structure.lattice)
+    if len(structure) == 1:
+        return self_image
+    reduced = structure.get_reduced_structure("LLL")
+    # Search no farther than the own-image distance: the answer is at most that, and the radius
+    # bounds the neighbour count even for flat or needle-like cells.
+    centers, points, offsets, dists = reduced.get_neighbor_list(self_image * (1 + 1e-9) + 1e-9, exclude_self=False)
+    # exclude_self=True would also drop distinct atoms that coincide; drop only the atom itself.
+    keep = (centers != points) | np.any(offsets != 0, axis=1)
+    return float(min(dists[keep].min(initial=self_image), self_image))
+
+
+def detected_spacegroup(structure: Structure, symprec: float = DEFAULT_SYMPREC) -> int | None:
+    """International number spglib finds, or None when it finds none."""
+    import spglib
+
+    cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
+    try:
+        data = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    except Exception:  # spglib signals failure by exception or None depending on version
+        return None
+    return int(data.number) if data is not None else None
+
+
+@dataclass
+class StructureCheck:
+    """Results of the filters for one decoded structure; `flags` names each failed check."""
+
+    min_distance: float
+    detected_spacegroup: int | None
+    flags: list[str]
+
+
+def check_structure(structure: Structure, spacegroup: int, min_dist: float = DEFAULT_MIN_DISTANCE,
+                    symprec: float = DEFAULT_SYMPREC) -> StructureCheck:
+    """Distance filter (`too_close`) and space-group consistency with spglib (`spacegroup_mismatch`)."""
+    d = min_distance(structure)
+    flags = []
+    if d < min_dist:
+        flags.append("too_close")
+    # Symmetry of overlapping atoms means nothing (spglib may even merge them), so it is skipped.
+    found = detected_spacegroup(structure, symprec) if d > symprec else None
+    if found != spacegroup and not flags:
+        flags.append("spacegroup_mismatch")
+    return StructureCheck(d, found, flags)
+
+
+def find_duplicates(structures: list[Structure | None]) -> list[int | None]:
+    """For each structure, the index of an earlier structure it matches (pymatgen StructureMatcher,
+    default tolerances), or None. Only structures with the same reduced formula are compared."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher()
+    seen: dict[str, list[int]] = {}
+    out: list[int | None] = []
+    for i, s in enumerate(structures):
+        if s is None:
+            out.append(None)
+            continue
+        reps = seen.setdefault(s.composition.reduced_formula, [])
+        match = next((j for j in reps if matcher.fit(structures[j], s)), None)
+        if match is None:
+            reps.append(i)
+        out.append(match)
+    return out

@@ -1,0 +1,427 @@
+"""The grammar of a crystal token sequence, as an incremental parser.
+
+    <bos> stability n:k  E1 .. Ek (strictly increasing Z)  sg:N
+    ( orbit-token element [x] [y] [z] )+      # the free coordinates of that position, in order
+    lattice values (those free for the crystal system, in a b c alpha beta gamma order)  <eos>
+
+The same parser validates a whole sequence for the decoder (`parse`) and, one token at a time,
+tells the sampler which tokens may come next (`allowed_mask`), so a sampled sequence can
+always be decoded. A position without free parameters may appear once; every declared
+element must be used by some site before the lattice starts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from .vocab import ANGLE_TOKENS, COORD_TOKENS, SpaceGroupTable, Vocab, WyckoffPosition
+
+
+class DecodeError(ValueError):
+    """A token sequence that does not describe a crystal; the message names the problem."""
+
+
+@dataclass
+class Site:
+    position: WyckoffPosition
+    element: str
+    free_values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class WyckoffDescription:
+    """A crystal in Wyckoff form: what a sequence says, before orbits are expanded."""
+
+    stability: str  # token string, e.g. "ehull:low"
+    elements: list[str]
+    group: SpaceGroupTable
+    sites: list[Site]
+    lattice: dict[str, float]  # only the free parameters
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a sampled sequence must respect (defaults cover the training data: MP-20 crystals have
+    at most 20 atoms in the primitive cell, so at most 20 Wyckoff sites and 80 atoms in the
+    conventional cell; the defaults leave room above that)."""
+
+    max_sites: int = 24
+    max_atoms: int = 160
+
+    def __post_init__(self) -> None:
+        if self.max_sites < 1 or self.max_atoms < 1:
+            raise ValueError(f"limits must be positive (got max_sites={self.max_sites}, max_atoms={self.max_atoms})")
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """Forced parts of a sequence; None leaves that part to the sampler."""
+
+    stability: str | None = None  # token string, e.g. "ehull:low"
+    elements: tuple[str, ...] | None = None  # in increasing atomic number
+    spacegroup: int | None = None
+
+
+# -- constrained decoding ------------------------------------------------------------------------
+# The sampler masks every token after which no valid, complete sequence exists, so it can never
+# reach a dead end. The invariant kept at every step: the declared elements not yet placed can still
+# be placed, each on its own site, within the remaining site and atom budget.
+
+# Bounds on sampled cell angles: well inside (0, 180) so that every accepted cell has a clearly
+# positive volume (the decoder rejects cells with a vanishing volume factor).
+ANGLE_BOUNDS = (5.0, 175.0)
+# Margin (degrees) kept from the triangle inequalities that the third triclinic angle must satisfy.
+ANGLE_MARGIN = 1.0
+
+
+class _GroupBudget:
+    """The Wyckoff positions of one group as arrays, and the fewest atoms that j more sites need."""
+
+    def __init__(self, vocab: Vocab, group: SpaceGroupTable):
+        self.orbits = [p.orbit for p in group.positions]
+        self.orbit_ids = np.array([vocab.token_to_id[o] for o in self.orbits], dtype=np.int64)
+        self.mults = np.array([p.multiplicity for p in group.positions], dtype=np.int64)
+        self.fixed = np.array([not p.repeatable for p in group.positions])
+        # Every group has its general position, which has free coordinates, so this is never empty.
+        self.min_free = int(min(p.multiplicity for p in group.positions if p.repeatable))
+        # Only fixed positions smaller than the smallest repeatable one can lower the minimum.
+        self.cheap_fixed = sorted((p.multiplicity, i) for i, p in enumerate(group.positions)
+                                  if not p.repeatable and p.multiplicity < self.min_free)
+
+    def cheapest(self, j: int, used: set[str]) -> tuple[list[int], list[int]]:
+        """Multiplicities of the j + 1 cheapest further sites and the fixed-position indices among
+        the first j (fixed ones once, unused only; repeatable ones without limit)."""
+        mults: list[int] = []
+        chosen: list[int] = []
+        for m, i in self.cheap_fixed:
+            if len(mults) > j:
+                break
+            if self.orbits[i] in used:
+                continue
+            if len(mults) < j:
+                chosen.append(i)
+            mults.append(m)
+        mults += [self.min_free] * (j + 1 - len(mults))
+        return mults, chosen
+
+    def min_atoms(self, j: int, used: set[str]) -> int:
+        return sum(self.cheapest(j, used)[0][:j]) if j > 0 else 0
+
+
+class _Rules:
+    """Masks and budgets shared by every parser of one vocabulary and one set of limits."""
+
+    def __init__(self, vocab: Vocab, limits: Limits):
+        self.vocab = vocab
+        self.limits = limits
+        self.size = len(vocab)
+        self.budgets = {n: _GroupBudget(vocab, vocab.group(n)) for n in vocab.sg_ids}
+        self.stability = self._mask(vocab.stability_ids)
+        self.elements_by_z = np.array(sorted(vocab.element_z, key=vocab.element_z.get), dtype=np.int64)
+        self.z_rank = {int(i): r for r, i in enumerate(self.elements_by_z)}
+        self.sg_for_arity = {k: self._mask(vocab.sg_ids[n] for n in vocab.sg_ids if self.group_fits(n, k))
+                             for k in vocab.arity_ids}
+        self.arity_any = self._mask(i for k, i in vocab.arity_ids.items()
+                                    if k <= len(self.elements_by_z) and self.sg_for_arity[k].any())
+        self._one_hot: dict[int, np.ndarray] = {}
+
+    def _mask(self, ids) -> np.ndarray:
+        m = np.zeros(self.size, dtype=bool)
+        m[list(ids)] = True
+        m.setflags(write=False)
+        return m
+
+    def one_hot(self, token_id: int) -> np.ndarray:
+        m = self._one_hot.get(token_id)
+        if m is None:
+            m = self._one_hot[token_id] = self._mask([token_id])
+        return m
+
+    def group_fits(self, number: int, n_elements: int) -> bool:
+        """Can group `number` hold n_elements elements, each on its own site, within the limits?"""
+        lim = self.limits
+        return n_elements <= lim.max_sites and self.budgets[number].min_atoms(n_elements, set()) <= lim.max_atoms
+
+
+@lru_cache(maxsize=None)
+def _rules(vocab: Vocab, limits: Limits) -> _Rules:
+    return _Rules(vocab, limits)
+
+
+def check_conditions(vocab: Vocab, conditions: Conditions, limits: Limits | None = None) -> None:
+    """Raise ValueError (message naming the problem) unless some sequence satisfies the conditions."""
+    rules = _rules(vocab, limits or Limits())
+    c = conditions
+    if c.stability is not None and vocab.token_to_id.get(c.stability) not in vocab.stability_ids:
+        raise ValueError(f"unknown stability token {c.stability!r}")
+    if c.elements is not None:
+        if not c.elements:
+            raise ValueError("at least one element is needed")
+        missing = [e for e in c.elements if e not in vocab.element_ids]
+        if missing:
+            raise ValueError(f"element {missing[0]} is not in the model's vocabulary")
+        z = [vocab.element_z[vocab.element_ids[e]] for e in c.elements]
+        if any(b <= a for a, b in zip(z, z[1:])):
+            raise ValueError("elements must be distinct and listed in increasing atomic number")
+        if len(c.elements) not in vocab.arity_ids:
+            raise ValueError(f"{len(c.elements)} elements; the vocabulary allows at most {vocab.max_arity}")
+    if c.spacegroup is not None:
+        if c.spacegroup not in vocab.sg_ids:
+            raise ValueError(f"space group {c.spacegroup} is not in 1-230")
+        k = len(c.elements) if c.elements is not None else 1
+        if not rules.group_fits(c.spacegroup, k):
+            raise ValueError(f"space group {c.spacegroup} cannot hold {k} elements within {rules.limits.max_sites} "
+                             f"sites and {rules.limits.max_atoms} atoms per cell")
+    elif c.elements is not None and not rules.sg_for_arity[len(c.elements)].any():
+        raise ValueError(f"no space group holds {len(c.elements)} elements within the limits")
+
+
+class SequenceParser:
+    """Consumes (token id, value) pairs; raises DecodeError at the first invalid one."""
+
+    def __init__(self, vocab: Vocab, limits: Limits | None = None, conditions: Conditions | None = None):
+        """With `limits` or `conditions`, `feed` also rejects every token `allowed_mask` excludes."""
+        self.vocab = vocab
+        self.limits = limits
+        self.conditions = conditions
+        self._constrained = limits is not None or conditions is not None
+        self._rules: _Rules | None = None
+        self._mask_at = -1
+        self._mask: np.ndarray | None = None
+        self.used_elements: set[str] = set()
+        self.phase = "bos"
+        self.stability: str | None = None
+        self.arity = 0
+        self.elements: list[str] = []
+        self.group: SpaceGroupTable | None = None
+        self.sites: list[Site] = []
+        self.used_fixed: set[str] = set()
+        self.n_atoms = 0
+        self.lattice: dict[str, float] = {}
+        self.n_fed = 0
+        self._tok = vocab.tokens
+
+    def feed(self, token_id: int, value: float = math.nan) -> None:
+        if self._constrained and 0 <= token_id < len(self.vocab) and not self.allowed_mask()[token_id]:
+            raise DecodeError(f"token {self._tok[token_id]!r} at position {self.n_fed}: excluded by the "
+                              f"conditions or limits")
+        if self._constrained and self._tok[token_id] in ANGLE_TOKENS:
+            lo, hi = self.value_bounds(token_id)
+            if not lo <= value <= hi:
+                raise DecodeError(f"angle {self._tok[token_id]}={value} at position {self.n_fed}: outside "
+                                  f"[{lo:.6g}, {hi:.6g}], the range that keeps the cell valid")
+        self._feed(token_id, value)
+        self.n_fed += 1
+
+    def _feed(self, token_id: int, value: float) -> None:
+        v = self.vocab
+        if not 0 <= token_id < len(v):
+            raise DecodeError(f"token id {token_id} outside the vocabulary (0..{len(v) - 1})")
+        tok = self._tok[token_id]
+        where = f"token {tok!r} at position {self.n_fed}"
+        phase = self.phase
+        if phase == "bos":
+            self._expect(token_id == v.bos_id, f"{where}: sequence must start with <bos>")
+            self.phase = "stability"
+        elif phase == "stability":
+            self._expect(token_id in v.stability_ids, f"{where}: expected a stability token")
+            self.stability, self.phase = tok, "arity"
+        elif phase == "arity":
+            self._expect(tok.startswith("n:"), f"{where}: expected the number of elements (n:k)")
+            self.arity, self.phase = int(tok[2:]), "elements"
+        elif phase == "elements":
+            self._expect(token_id in v.element_z, f"{where}: expected an element")
+            if self.elements:
+                self._expect(v.element_z[token_id] > v.element_z[v.token_to_id[self.elements[-1]]],
+                             f"{where}: elements must be listed once each, in increasing atomic number")
+            self.elements.append(tok)
+            if len(self.elements) == self.arity:
+                self.phase = "spacegroup"
+        elif phase == "spacegroup":
+            self._expect(tok.startswith("sg:"), f"{where}: expected a space group token")
+            self.group, self.phase = v.group(int(tok[3:])), "site_or_lattice"
+        elif phase == "site_or_lattice":
+            if tok in self.group.by_orbit:
+                pos = self.group.by_orbit[tok]
+                self._expect(pos.repeatable or tok not in self.used_fixed,
+                             f"{where}: Wyckoff position {pos.multiplicity}{pos.letter} has no free parameter "
+                             f"and is already occupied")
+                if not pos.repeatable:
+                    self.used_fixed.add(tok)
+                self.sites.append(Site(pos, ""))
+                self.n_atoms += pos.multiplicity
+                self.phase = "site_element"
+            elif tok == self.group.lattice_free[0]:
+                self._expect(bool(self.sites), f"{where}: lattice before any Wyckoff site")
+                missing = set(self.elements) - {s.element for s in self.sites}
+                self._expect(not missing, f"{where}: declared elements {sorted(missing)} occupy no site")
+                self.phase = "lattice"
+                self._feed_lattice(tok, value, where)
+            elif token_id in v.orbit_ids.values():
+                raise DecodeError(f"{where}: Wyckoff orbit not in space group {self.group.number}")
+            else:
+                raise DecodeError(f"{where}: expected a Wyckoff orbit of space group {self.group.number} "
+                                  f"or lattice parameter {self.group.lattice_free[0]!r}")
+        elif phase == "site_element":
+            self._expect(tok in self.elements, f"{where}: expected one of the declared elements {self.elements}")
+            site = self.sites[-1]
+            site.element = tok
+            self.used_elements.add(tok)
+            self.phase = "site_values" if site.position.free else "site_or_lattice"
+        elif phase == "site_values":
+            site = self.sites[-1]
+            want = site.position.free[len(site.free_values)]
+            self._expect(tok == want, f"{where}: expected free coordinate {want!r}")
+            self._expect(math.isfinite(value), f"{where}: coordinate value {value!r} is not finite")
+            site.free_values.append(value % 1.0)
+            if len(site.free_values) == len(site.position.free):
+                self.phase = "site_or_lattice"
+        elif phase == "lattice":
+            self._feed_lattice(tok, value, where)
+        elif phase == "eos":
+            self._expect(token_id == v.eos_id, f"{where}: expected <eos> after the lattice")
+            self.phase = "done"
+        else:  # done: only padding may follow
+            self._expect(token_id == v.pad_id, f"{where}: tokens after <eos>")
+
+    def _feed_lattice(self, tok: str, value: float, where: str) -> None:
+        want = self.group.lattice_free[len(self.lattice)]
+        self._expect(tok == want, f"{where}: expected lattice parameter {want!r}")
+        self._expect(math.isfinite(value), f"{where}: lattice value {value!r} is not finite")
+        if tok in ANGLE_TOKENS:
+            self._expect(0.0 < value < 180.0, f"{where}: angle {value} outside (0, 180) degrees")
+        else:
+            self._expect(0.0 < value, f"{where}: lattice length {value} is not positive")
+        self.lattice[tok] = float(value)
+        if len(self.lattice) == len(self.group.lattice_free):
+            self.phase = "eos"
+
+    # -- constrained decoding: what may come next --------------------------------------------------
+
+    def allowed_mask(self) -> np.ndarray:
+        """Tokens that may come next such that the sequence can still be completed (read-only array)."""
+        if self._mask_at == self.n_fed:
+            return self._mask
+        if self._rules is None:
+            self._rules = _rules(self.vocab, self.limits or Limits())
+        rules, v, c, phase = self._rules, self.vocab, self.conditions or Conditions(), self.phase
+        if phase == "bos":
+            mask = rules.one_hot(v.bos_id)
+        elif phase == "stability":
+            mask = rules.one_hot(v.token_to_id[c.stability]) if c.stability else rules.stability
+        elif phase == "arity":
+            if c.elements is not None:
+                mask = rules.one_hot(v.arity_ids[len(c.elements)])
+            elif c.spacegroup is not None:
+                mask = rules._mask(i for k, i in v.arity_ids.items() if rules.group_fits(c.spacegroup, k))
+            else:
+                mask = rules.arity_any
+        elif phase == "elements":
+            if c.elements is not None:
+                mask = rules.one_hot(v.element_ids[c.elements[len(self.elements)]])
+            else:
+                # Strictly increasing Z, leaving enough heavier elements for the rest of the declared arity.
+                start = rules.z_rank[v.element_ids[self.elements[-1]]] + 1 if self.elements else 0
+                stop = len(rules.elements_by_z) - (self.arity - len(self.elements) - 1)
+                mask = np.zeros(rules.size, dtype=bool)
+                mask[rules.elements_by_z[start:stop]] = True
+        elif phase == "spacegroup":
+            mask = rules.one_hot(v.sg_ids[c.spacegroup]) if c.spacegroup is not None else rules.sg_for_arity[self.arity]
+        elif phase == "site_or_lattice":
+            mask = self._site_mask(rules)
+        elif phase == "site_element":
+            mask = self._element_mask(rules)
+        elif phase == "site_values":
+            site = self.sites[-1]
+            mask = rules.one_hot(v.token_to_id[site.position.free[len(site.free_values)]])
+        elif phase == "lattice":
+            mask = rules.one_hot(v.token_to_id[self.group.lattice_free[len(self.lattice)]])
+        elif phase == "eos":
+            mask = rules.one_hot(v.eos_id)
+        else:
+            mask = rules.one_hot(v.pad_id)
+        self._mask_at, self._mask = self.n_fed, mask
+        return mask
+
+    def _site_mask(self, rules: _Rules) -> np.ndarray:
+        lim, b = rules.limits, rules.budgets[self.group.number]
+        missing = len(self.elements) - len(self.used_elements)
+        sites_left = lim.max_sites - len(self.sites) - 1  # after this site
+        atoms_left = lim.max_atoms - self.n_atoms - b.mults  # after this site, per candidate position
+        used = np.array([o in self.used_fixed for o in b.orbits])
+        ok = ~(b.fixed & used) & (atoms_left >= 0) & (sites_left >= 0)
+        # This site can take one missing element; the rest need sites of their own afterwards.
+        j = max(missing - 1, 0)
+        if j:
+            mults, chosen = b.cheapest(j, self.used_fixed)
+            need = np.full(len(b.orbits), sum(mults[:j]))
+            # Taking a fixed position that the cheapest completion relied on moves that completion on.
+            if chosen:
+                need[chosen] = sum(mults) - b.mults[chosen]
+            ok &= (need <= atoms_left) & (j <= sites_left)
+        mask = np.zeros(rules.size, dtype=bool)
+        mask[b.orbit_ids[ok]] = True
+        if self.sites and not missing:
+            mask[self.vocab.token_to_id[self.group.lattice_free[0]]] = True
+        return mask
+
+    def _element_mask(self, rules: _Rules) -> np.ndarray:
+        lim, b = rules.limits, rules.budgets[self.group.number]
+        sites_left = lim.max_sites - len(self.sites)
+        atoms_left = lim.max_atoms - self.n_atoms
+        missing = [e for e in self.elements if e not in self.used_elements]
+
+        def completes(j: int) -> bool:
+            return j <= sites_left and b.min_atoms(j, self.used_fixed) <= atoms_left
+
+        ids = self.vocab.element_ids
+        mask = np.zeros(rules.size, dtype=bool)
+        if missing and completes(len(missing) - 1):  # the site mask guarantees this
+            mask[[ids[e] for e in missing]] = True
+        if completes(len(missing)):
+            mask[[ids[e] for e in self.used_elements]] = True
+        return mask
+
+    def value_bounds(self, token_id: int) -> tuple[float, float]:
+        """Closed interval the sampler keeps the value of `token_id` (the next token) in. Lengths are
+        only required to be positive; angles stay within ANGLE_BOUNDS, and the third triclinic angle
+        also within the triangle inequalities of the first two (with a margin), so the cell exists."""
+        tok = self._tok[token_id]
+        if tok in COORD_TOKENS:
+            return 0.0, 1.0
+        if tok not in ANGLE_TOKENS:
+            return math.ulp(0.0), math.inf
+        lo, hi = ANGLE_BOUNDS
+        if tok == "gamma" and "alpha" in self.lattice and "beta" in self.lattice:
+            a, b = self.lattice["alpha"], self.lattice["beta"]
+            lo = max(lo, abs(a - b) + ANGLE_MARGIN)
+            hi = min(hi, a + b - ANGLE_MARGIN, 360.0 - a - b - ANGLE_MARGIN)
+        return lo, hi
+
+    def _expect(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise DecodeError(message)
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    def description(self) -> WyckoffDescription:
+        if not self.done:
+            raise DecodeError(f"sequence ends early (while expecting {self.phase.replace('_', ' ')})")
+        return WyckoffDescription(self.stability, self.elements, self.group, self.sites, self.lattice)
+
+
+def parse(vocab: Vocab, ids, values) -> WyckoffDescription:
+    """Validate a whole sequence and return what it describes (DecodeError if invalid)."""
+    parser = SequenceParser(vocab)
+    ids = np.asarray(ids)
+    values = np.asarray(values, dtype=float)
+    if ids.ndim != 1 or values.shape != ids.shape:
+        raise DecodeError(f"ids and values must be 1-D and of equal length (got {ids.shape} and {values.shape})")
+    for i, v in zip(ids.tolist(), values.tolist()):
+        parser.feed(int(i), v)
+    return parser.description()

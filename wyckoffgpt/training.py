@@ -1,0 +1,576 @@
+"""Training loop for WyckoffGPT on a tokenized dataset folder (see `wyckoffgpt.data`).
+
+A plain accelerate loop: one process per device (or several CPU processes forming one gloo group),
+data order derived from (seed, epoch) so that a resumed run reads exactly the batches an uninterrupted
+run would, and the loss of each optimizer step normalised by the number of non-pad target tokens of
+all its micro-batches on all processes.
+
+Output folder layout while training: `checkpoints/step-NNNNNNNN/` (accelerate state + our
+trainer_state.json), `best/` (weights of the best validation loss), `train_log.csv`. At the end the
+model is exported into the folder itself (config, model.safetensors, code, tokenizer, README.md) and
+the checkpoints, which hold pickled optimizer states, are removed unless asked to keep them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .configuration_wyckoffgpt import PRESET_TRAINING, PRESETS, WyckoffGPTConfig
+from .data import VOCAB_FIELDS, DatasetError, SequenceDataset, collate, load_meta
+from .modeling_wyckoffgpt import WyckoffGPTModel
+
+STATE_FILE = "trainer_state.json"
+CSV_COLUMNS = [
+    "step", "epoch", "lr", "loss", "token_loss", "coord_loss", "length_loss", "angle_loss",
+    "val_loss", "val_token_loss", "val_coord_loss", "val_length_loss", "val_angle_loss",
+    "tokens_per_s", "elapsed_s",
+]  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """Bad training input (dataset, vocabulary, checkpoint, preset, settings); the message says which."""
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str
+    out_dir: str
+    model_preset: str = "small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # any WyckoffGPTConfig field
+    init_from: str | None = None  # start from a saved model folder instead of random weights
+    batch_size: int | None = None  # sequences per micro-batch and process; None: the preset's
+    grad_accum_steps: int = 1
+    epochs: int = 10
+    max_steps: int | None = None  # overrides epochs when set
+    max_lr: float | None = None  # None: the preset's (paper: 2e-4)
+    warmup_frac: float = 0.05  # one-cycle: linear warm-up over this fraction, then linear decay
+    final_lr_frac: float = 0.01
+    weight_decay: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    eval_every: int = 200  # optimizer steps; 0 disables validation
+    eval_batch_size: int | None = None
+    patience: int = 10  # evaluations without improvement before stopping early
+    min_delta: float = 0.0
+    save_every: int = 500  # optimizer steps between checkpoints; 0: only at the end of an interrupted run
+    keep_last_checkpoints: int = 2
+    keep_checkpoints: bool = False  # keep checkpoints/ and best/ after the final export
+    resume: bool = False
+    stop_at_step: int | None = None  # stop (with a checkpoint) after this step, keeping the full schedule
+    log_every: int = 20
+    progress: bool = True
+    command: str | None = None  # recorded in the model card
+
+
+def _fail(message: str) -> TrainingError:
+    return TrainingError(message)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.model_preset not in PRESETS:
+        raise _fail(f"unknown model preset {cfg.model_preset!r}; valid presets: {', '.join(PRESETS)}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise _fail(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    for name in ("grad_accum_steps", "epochs"):
+        if getattr(cfg, name) < 1:
+            raise _fail(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise _fail(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise _fail(f"max_steps must be >= 1, got {cfg.max_steps}")
+    unknown = set(cfg.model_overrides) - {f for f in WyckoffGPTConfig().to_dict()} - set(PRESETS["tiny"])
+    if unknown:
+        raise _fail(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+
+
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from a mapping (e.g. a YAML file); unknown keys are an error."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise _fail(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    if "betas" in values:
+        values = {**values, "betas": tuple(values["betas"])}
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once it holds trainer_state.json;
+    it only gets its final name after that)."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d{8}", p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found)
+
+
+def _save_checkpoint(acc: Accelerator, out: Path, state: dict[str, Any], config: WyckoffGPTConfig, keep: int) -> None:
+    root = out / "checkpoints"
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f".tmp-step-{state['step']:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))  # every rank writes its own RNG state
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        config.to_json_file(str(tmp / "config.json"))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], WyckoffGPTConfig]:
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        config = WyckoffGPTConfig.from_json_file(str(path / "config.json"))
+        for key in ("step", "epoch", "step_in_epoch", "best_val", "bad_evals"):
+            state[key]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _fail(f"checkpoint {path} is corrupt: {type(e).__name__}: {e}") from None
+    return state, config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batching: micro-batch j of an epoch's permutation belongs to process j % world.
+
+
+class EpochBatches:
+    def __init__(self, n: int, batch_size: int, accum: int, world: int, rank: int, seed: int) -> None:
+        self.n, self.bs, self.accum, self.world, self.rank, self.seed = n, batch_size, accum, world, rank, seed
+        self.micro_per_step = accum * world
+        self.steps_per_epoch = n // (batch_size * self.micro_per_step)
+
+    def step_indices(self, epoch: int, step_in_epoch: int) -> list[np.ndarray]:
+        """This process's micro-batches (arrays of sequence indices) for one optimizer step."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        first = step_in_epoch * self.micro_per_step
+        micro = [first + a * self.world + self.rank for a in range(self.accum)]
+        return [perm[j * self.bs : (j + 1) * self.bs] for j in micro]
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+PART_NAMES = ("loss", "token", "coord", "length", "angle")
+
+
+def _parts(sums: torch.Tensor) -> dict[str, float]:
+    """sums = [loss_sum, token, coord, length, angle, n_tokens, n_coord, n_length, n_angle]."""
+    s = sums.double().tolist()
+    n_tok = max(s[5], 1.0)
+    return {
+        "loss": s[0] / n_tok,
+        "token": s[1] / n_tok,
+        "coord": s[2] / s[6] if s[6] else float("nan"),
+        "length": s[3] / s[7] if s[7] else float("nan"),
+        "angle": s[4] / s[8] if s[8] else float("nan"),
+    }
+
+
+def _sums(out) -> torch.Tensor:
+    return torch.stack(
+        [
+            out.loss_sum.detach().float(),
+            out.token_loss_sum.detach().float(),
+            out.coord_loss_sum.detach().float(),
+            out.length_loss_sum.detach().float(),
+            out.angle_loss_sum.detach().float(),
+            out.n_tokens.float(),
+            out.n_coord.float(),
+            out.n_length.float(),
+            out.n_angle.float(),
+        ]
+    )
+
+
+@torch.no_grad()
+def evaluate(acc: Accelerator, model, dataset: SequenceDataset, batch_size: int, pad: int) -> dict[str, float]:
+    """Loss parts over a whole split, each process taking every world-th sequence."""
+    model.eval()
+    sums = torch.zeros(9, device=acc.device)
+    mine = np.arange(acc.process_index, len(dataset), acc.num_processes)
+    for lo in range(0, len(mine), batch_size):
+        batch = collate([dataset[int(i)] for i in mine[lo : lo + batch_size]], pad)
+        sums += _sums(model(**_to_device(batch, acc.device), compute_loss=True))
+    model.train()
+    return _parts(acc.reduce(sums, "sum"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model card and export
+
+
+def _model_card(cfg: TrainConfig, meta: dict, config: WyckoffGPTConfig, n_params: int, summary: dict) -> str:
+    def fmt(d: dict | None) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in d.items()) if d else "n/a"
+
+    command = cfg.command or f"python train.py --data {cfg.data_dir} --out {cfg.out_dir} --model-preset {cfg.model_preset}"
+    return f"""---
+library_name: transformers
+tags: [crystal-structure-generation, wyckoffgpt]
+---
+# WyckoffGPT model
+
+Autoregressive transformer over Wyckoff-position token sequences (discrete token head + {config.continuous_head}
+value head for coordinates, lattice lengths and angles).
+
+- Architecture: preset `{cfg.model_preset}`, {config.n_layer} blocks, d={config.n_embd}, {config.n_head} heads,
+  {n_params:,} parameters; vocabulary hash `{config.vocab_hash}` ({config.vocab_size} tokens).
+- Data: `{cfg.data_dir}` ({meta['splits'].get('train', 0)} training / {meta['splits'].get('val', 0)} validation sequences).
+- Command: `{command}`
+- Training: {summary['step']} optimizer steps ({summary['epochs_done']:.2f} epochs), {summary['processes']} process(es),
+  mixed precision `{cfg.mixed_precision}`, stopped because: {summary['stop_reason']}.
+- Final training loss (last logging window): {fmt(summary['train'])}
+- Best validation loss: {fmt(summary['best_val_parts'])}
+- Exported weights: {summary['exported']}.
+
+Losses are per target token (cross-entropy plus value NLL where the next token carries a value); value parts
+are per value, as negative log densities in natural units (fraction, Å, degree).
+
+## Use
+
+```python
+import wyckoffgpt  # registers the model with transformers' Auto classes
+from transformers import AutoModel
+model = AutoModel.from_pretrained("path/to/this/folder")
+```
+
+Without the package: `AutoModel.from_pretrained(folder, trust_remote_code=True)`.
+"""
+
+
+def _export_tokenizer(out: Path, vocab_hash: str) -> None:
+    try:
+        from .tokenizer import CrystalTokenizer
+    except ImportError as e:
+        warnings.warn(f"tokenizer not exported: wyckoffgpt.tokenizer unavailable ({e})")
+        return
+    tok = CrystalTokenizer()
+    tok_hash = getattr(getattr(tok, "vocab", None), "hash", None)
+    if tok_hash != vocab_hash:
+        # The packaged vocabulary is not the dataset's: shipping it would mis-decode the model's tokens.
+        warnings.warn(f"tokenizer not exported: its vocabulary hash {tok_hash} != dataset's {vocab_hash}")
+        return
+    tok.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training function
+
+
+def _lr_lambda(total_steps: int, warmup_frac: float, final_frac: float):
+    warmup = max(1, int(round(warmup_frac * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 1.0 - (1.0 - final_frac) * min(progress, 1.0)
+
+    return factor
+
+
+def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig | None) -> WyckoffGPTConfig:
+    vocab = {k: meta[k] for k in VOCAB_FIELDS}
+    if resume_config is not None:
+        config = resume_config
+    elif cfg.init_from:
+        try:
+            config = WyckoffGPTConfig.from_pretrained(cfg.init_from)
+        except (OSError, ValueError) as e:
+            raise _fail(f"cannot read model config from {cfg.init_from}: {e}") from None
+    else:
+        return WyckoffGPTConfig.from_preset(cfg.model_preset, **{**vocab, **cfg.model_overrides})
+    if config.vocab_hash != meta["vocab_hash"] or config.vocab_size != meta["vocab_size"]:
+        raise _fail(
+            f"vocabulary mismatch: model has vocab_hash {config.vocab_hash!r} ({config.vocab_size} tokens), "
+            f"dataset {cfg.data_dir} has {meta['vocab_hash']!r} ({meta['vocab_size']} tokens)"
+        )
+    return config
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) a model and export it to `cfg.out_dir`; returns a summary dict."""
+    _validate(cfg)
+    try:
+        meta = load_meta(cfg.data_dir)
+        train_set = SequenceDataset(cfg.data_dir, "train")
+        val_set = SequenceDataset(cfg.data_dir, "val") if meta["splits"].get("val") else None
+    except DatasetError as e:
+        raise _fail(str(e)) from None
+    if len(train_set) == 0:
+        raise _fail(f"dataset {cfg.data_dir} has an empty train split")
+
+    out = Path(cfg.out_dir)
+    checkpoints = _checkpoints(out)
+    if checkpoints and not cfg.resume:
+        raise _fail(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
+    resume_state, resume_config = _read_checkpoint(checkpoints[-1]) if cfg.resume and checkpoints else (None, None)
+
+    preset_train = PRESET_TRAINING[cfg.model_preset]
+    batch_size = cfg.batch_size or preset_train["batch_size"]
+    max_lr = cfg.max_lr or preset_train["max_lr"]
+    config = _model_config(cfg, meta, resume_config)
+    pad = config.pad_token_id
+
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with other
+    # settings (e.g. a bf16 run after an fp32 one in the same Python session): start it afresh. The
+    # PartialState (process group) is kept.
+    AcceleratorState._reset_state()
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),  # without it, CPU processes would not join one gloo group
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
+    )
+    # Accumulation is done by hand (no_sync + one backward per micro-batch), because the loss of a step
+    # is normalised by the token count of all its micro-batches, not averaged per micro-batch.
+    set_seed(cfg.seed)
+    world, rank = acc.num_processes, acc.process_index
+    batches = EpochBatches(len(train_set), batch_size, cfg.grad_accum_steps, world, rank, cfg.seed)
+    if batches.steps_per_epoch == 0:
+        need = batch_size * cfg.grad_accum_steps * world
+        raise _fail(
+            f"train split has {len(train_set)} sequences, fewer than one optimizer step uses "
+            f"(batch_size {batch_size} x grad_accum {cfg.grad_accum_steps} x processes {world} = {need})"
+        )
+    total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+
+    if cfg.init_from and resume_state is None:
+        model = WyckoffGPTModel.from_pretrained(cfg.init_from)
+    else:
+        model = WyckoffGPTModel(config)
+    n_params = model.num_parameters()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=max_lr,
+        betas=cfg.betas,
+        foreach=True,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup_frac, cfg.final_lr_frac))
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": None, "best_val_parts": None, "bad_evals": 0}
+    if resume_state is not None:
+        try:
+            acc.load_state(str(checkpoints[-1]))
+        except Exception as e:  # accelerate raises many kinds for truncated or foreign files
+            raise _fail(f"checkpoint {checkpoints[-1]} is corrupt: {type(e).__name__}: {e}") from None
+        state.update(resume_state)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.csv"
+    if acc.is_main_process:
+        _truncate_log(log_path, state["step"])
+
+    acc.print(
+        f"model {n_params:,} params, {len(train_set)} train seqs, {batches.steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps, batch {batch_size}x{cfg.grad_accum_steps}x{world}, lr {max_lr:g}, "
+        f"precision {cfg.mixed_precision}" + (f", resumed at step {state['step']}" if resume_state else "")
+    )
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
+    log = _Logger(acc, log_path, bar)
+    window = torch.zeros(9, device=acc.device)
+    window_tokens, window_start, run_start = 0.0, time.perf_counter(), time.perf_counter()
+    stop_reason, last_train = "reached the step budget", None
+
+    model.train()
+    while state["step"] < total_steps:
+        if state["step_in_epoch"] >= batches.steps_per_epoch:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+        micro = [
+            collate([train_set[int(i)] for i in idx], pad)
+            for idx in batches.step_indices(state["epoch"], state["step_in_epoch"])
+        ]
+        local_targets = sum(int((b["input_ids"][:, 1:] != pad).sum()) for b in micro)
+        total_targets = acc.reduce(torch.tensor(float(local_targets), device=acc.device), "sum")
+        # DDP averages gradients over processes; multiplying by world turns that back into a sum.
+        scale = world / total_targets.clamp(min=1.0)
+        step_sums = torch.zeros(9, device=acc.device)
+        for j, batch in enumerate(micro):
+            sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
+            with sync:
+                output = model(**_to_device(batch, acc.device), compute_loss=True)
+                acc.backward(output.loss_sum * scale)
+            step_sums += _sums(output)
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["step_in_epoch"] += 1
+        bar.update(1)
+
+        window += acc.reduce(step_sums, "sum")
+        window_tokens += float(total_targets)
+        row: dict[str, Any] = {}
+        if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+            elapsed = time.perf_counter() - window_start
+            last_train = _parts(window)
+            row.update({f"{k}_loss" if k != "loss" else "loss": v for k, v in last_train.items()})
+            row["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+            window.zero_()
+            window_tokens, window_start = 0.0, time.perf_counter()
+
+        stop_early = False
+        if val_set is not None and cfg.eval_every and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps):
+            val = evaluate(acc, model, val_set, cfg.eval_batch_size or 2 * batch_size, pad)
+            row.update({f"val_{k}_loss" if k != "loss" else "val_loss": v for k, v in val.items()})
+            if state["best_val"] is None or val["loss"] < state["best_val"] - cfg.min_delta:
+                state["best_val"], state["best_val_parts"], state["bad_evals"] = val["loss"], val, 0
+                _save_best(acc, model, out)
+            else:
+                state["bad_evals"] += 1
+                if state["bad_evals"] >= cfg.patience:
+                    stop_early = True
+                    stop_reason = f"early stopping: no validation improvement in {cfg.patience} evaluations"
+        if row:
+            row.update(step=state["step"], epoch=state["epoch"], lr=scheduler.get_last_lr()[0],
+                       elapsed_s=time.perf_counter() - run_start)  # fmt: skip
+            log.write(row)
+
+        interrupted = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step and state["step"] < total_steps
+        if (cfg.save_every and state["step"] % cfg.save_every == 0) or interrupted:
+            _save_checkpoint(acc, out, state, config, cfg.keep_last_checkpoints)
+        if interrupted:
+            bar.close()
+            acc.print(f"stopped at step {state['step']} as asked; continue with --resume")
+            return {"step": state["step"], "stop_reason": "stop_at_step", "exported": None, "train": last_train}
+        if stop_early:
+            break
+    bar.close()
+    if stop_reason.startswith("early"):
+        acc.print(stop_reason)
+
+    summary = {
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "epochs_done": state["step"] / batches.steps_per_epoch,
+        "processes": world,
+        "stop_reason": stop_reason,
+        "train": last_train,
+        "best_val": state["best_val"],
+        "best_val_parts": state["best_val_parts"],
+        "out_dir": str(out),
+    }
+    _export(acc, model, out, cfg, meta, config, n_params, summary)
+    return summary
+
+
+def _save_best(acc: Accelerator, model, out: Path) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp, final = out / ".tmp-best", out / "best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(model).save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    acc.wait_for_everyone()
+
+
+def _export(acc, model, out: Path, cfg: TrainConfig, meta, config, n_params: int, summary: dict) -> None:
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(model)
+    best = out / "best" / "model.safetensors"
+    if best.is_file():
+        # Early stopping keeps the best validated weights, not the last ones.
+        weights = load_file(str(best), device=str(next(unwrapped.parameters()).device))
+        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - set(unwrapped._tied_weights_keys):
+            raise _fail(f"best weights in {best} do not match the model ({missing=}, {unexpected=})")
+        summary["exported"] = f"best validation checkpoint (val loss {summary['best_val']:.4f})"
+    else:
+        summary["exported"] = f"last step ({summary['step']})"
+    unwrapped.save_pretrained(str(out), is_main_process=acc.is_main_process, save_function=acc.save)
+    if acc.is_main_process:
+        _export_tokenizer(out, meta["vocab_hash"])
+        (out / "README.md").write_text(_model_card(cfg, meta, config, n_params, summary))
+        (out / "training_summary.json").write_text(json.dumps({**summary, "train_config": _jsonable(cfg)}, indent=2))
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out / "best", ignore_errors=True)
+        acc.print(f"model written to {out}")
+    acc.wait_for_everyone()
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be produced again)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class _Logger:
+    def __init__(self, acc: Accelerator, path: Path, bar) -> None:
+        self.acc, self.path, self.bar = acc, path, bar
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        new = not self.path.is_file()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+        parts = [f"step {row['step']}", f"epoch {row['epoch']}"]
+        for key, label in (("loss", "loss"), ("token_loss", "tok"), ("coord_loss", "coord"),
+                           ("length_loss", "len"), ("angle_loss", "ang"), ("val_loss", "val")):  # fmt: skip
+            if key in row and not (isinstance(row[key], float) and math.isnan(row[key])):
+                parts.append(f"{label} {row[key]:.4f}")
+        parts.append(f"lr {row['lr']:.2e}")
+        if "tokens_per_s" in row:
+            parts.append(f"tok/s {row['tokens_per_s']:.0f}")
+        line = " | ".join(parts)
+        if self.bar.disable:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)  # keeps the progress bar intact
