@@ -10,6 +10,7 @@ skipped and counted by reason, never fatal. DIR receives the memory-mapped datas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -68,6 +69,11 @@ def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, w
     from tqdm import tqdm
 
     records = iter_records(input_path, limit)
+    # Read the first record before starting workers: an unusable file fails at once, in one line.
+    first = next(records, None)
+    if first is None:
+        raise InputError(f"{input_path} holds no rows")
+    records = itertools.chain([first], records)
     workers = workers or os.cpu_count() or 1
     kept, skipped, read = [], Counter(), 0
     stability = Counter()

@@ -17,6 +17,7 @@ order or supercell:
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 import numpy as np
 import spglib
@@ -69,6 +70,7 @@ def _std_orbits(data, structure: Structure) -> list[tuple[int, np.ndarray, np.nd
     return [(int(types[orbit_of == o][0]), coords[orbit_of == o], raw[raw_orbit == o]) for o in np.unique(orbit_of)]
 
 
+@lru_cache(maxsize=None)
 def _solve_rows(pos: WyckoffPosition) -> list[tuple[int, int, float]]:
     """For each free axis j: a row i of the representative op where j appears alone, and its sign."""
     rep = pos.rotations[0]
@@ -92,20 +94,23 @@ def _representatives(pos: WyckoffPosition, coords: np.ndarray) -> np.ndarray:
     return _wrap(v[on_subspace][:, pos.free_axes])
 
 
-def _assign(table: SpaceGroupTable, orbit_coords: np.ndarray) -> tuple[WyckoffPosition, np.ndarray]:
-    """The Wyckoff position of one orbit and its canonical free parameters."""
+def _canonical_free(pos: WyckoffPosition, orbit_coords: np.ndarray) -> np.ndarray | None:
+    """Smallest free-parameter vector among the orbit's atoms on the position's representative
+    subspace, or None when no atom lies there (the orbit is not in this position)."""
+    if not pos.free:
+        diff = pos.translations[0] - orbit_coords
+        return np.zeros(0) if np.any(np.all(np.abs(diff - np.rint(diff)) < _MATCH_TOL, axis=1)) else None
+    cands = _representatives(pos, orbit_coords)
+    if not len(cands):
+        return None
+    return cands[np.lexsort(np.round(cands, _KEY_DECIMALS).T[::-1])[0]]
+
+
+def _find_position(table: SpaceGroupTable, orbit_coords: np.ndarray) -> WyckoffPosition:
+    """The Wyckoff position of one orbit (positions of equal multiplicity are tried in turn)."""
     for pos in table.positions:
-        if pos.multiplicity != len(orbit_coords):
-            continue
-        if not pos.free:
-            diff = pos.translations[0] - orbit_coords
-            if np.any(np.all(np.abs(diff - np.rint(diff)) < _MATCH_TOL, axis=1)):
-                return pos, np.zeros(0)
-            continue
-        cands = _representatives(pos, orbit_coords)
-        if len(cands):
-            order = np.lexsort(np.round(cands, _KEY_DECIMALS).T[::-1])
-            return pos, cands[order[0]]
+        if pos.multiplicity == len(orbit_coords) and _canonical_free(pos, orbit_coords) is not None:
+            return pos
     raise EncodeError(f"an orbit of {len(orbit_coords)} atoms matches no Wyckoff position of space group "
                       f"{table.number}")
 
@@ -147,21 +152,24 @@ def _moved(orbits: Orbits, rot: np.ndarray, trans: np.ndarray) -> Orbits:
     return [(z, (c @ rot.T + trans) % 1.0, (r @ rot.T + trans) % 1.0) for z, c, r in orbits]
 
 
-def _describe_variant(table: SpaceGroupTable, orbits: Orbits, refine: bool = False):
+def _describe_variant(table: SpaceGroupTable, orbits: Orbits, positions: list[WyckoffPosition],
+                      refine: bool = False):
     sites = []
-    for z, coords, raw in orbits:
-        pos, free = _assign(table, coords)
+    for (z, coords, raw), pos in zip(orbits, positions):
+        free = _canonical_free(pos, coords)
         sites.append((pos, z, _refine(table, pos, free, raw) if refine else free))
-    sites.sort(key=lambda s: (s[0].index, s[1], tuple(np.round(s[2], _KEY_DECIMALS))))
-    key = tuple((p.index, z, tuple(np.round(f, _KEY_DECIMALS))) for p, z, f in sites)
+    keyed = sorted((((p.index, z, tuple(round(x, _KEY_DECIMALS) for x in f.tolist())), (p, z, f)) for p, z, f in sites),
+                   key=lambda kv: kv[0])
+    key = tuple(k for k, _ in keyed)
+    sites = [site for _, site in keyed]
     return key, sites
 
 
-def _polar_origins(table: SpaceGroupTable, orbits: Orbits) -> np.ndarray:
+def _polar_origins(table: SpaceGroupTable, orbits: Orbits, positions: list[WyckoffPosition]) -> np.ndarray:
     """Origins to try along the polar axes: each atom of the first-ranked orbits moved to 0."""
     if not table.polar_axes:
         return np.zeros((1, 3))
-    ranks = [(_assign(table, c)[0].index, z) for z, c, _ in orbits]
+    ranks = [(pos.index, z) for (z, _, _), pos in zip(orbits, positions)]
     anchors = np.concatenate([c for (z, c, _), r in zip(orbits, ranks) if r == min(ranks)])
     axes = list(table.polar_axes)
     origins = np.zeros_like(anchors)
@@ -175,11 +183,22 @@ def canonical_sites(table: SpaceGroupTable, orbits: Orbits) -> list[tuple]:
     for op in table.normalizer:
         rot, trans = op[:9].reshape(3, 3), op[9:]
         moved = _moved(orbits, rot, trans)
-        for origin in _polar_origins(table, moved):
+        # A shift along polar axes maps every orbit onto the same position: find them once.
+        positions = [_find_position(table, c) for _, c, _ in moved]
+        origins = _polar_origins(table, moved, positions)
+        if len(origins) > 1:
+            # The first-ranked orbits sort first in the key: only origins that minimise their part
+            # can win, so the other orbits are looked at for those origins only.
+            ranks = [(pos.index, z) for (z, _, _), pos in zip(moved, positions)]
+            lead = [i for i, r in enumerate(ranks) if r == min(ranks)]
+            prefixes = [_describe_variant(table, [_moved([moved[i]], np.eye(3), -o)[0] for i in lead],
+                                          [positions[i] for i in lead])[0] for o in origins]
+            origins = [o for o, p in zip(origins, prefixes) if p == min(prefixes)]
+        for origin in origins:
             shifted = _moved(moved, np.eye(3), -origin)
-            candidates.append((_describe_variant(table, shifted)[0], shifted))
-    best = min(candidates, key=lambda kv: kv[0])[1]
-    sites = _describe_variant(table, best, refine=True)[1]
+            candidates.append((_describe_variant(table, shifted, positions)[0], shifted, positions))
+    _, best, positions = min(candidates, key=lambda kv: kv[0])
+    sites = _describe_variant(table, best, positions, refine=True)[1]
     if table.polar_axes:
         # The origin was put on one atom; atoms of a slightly asymmetric input disagree by ~1e-4,
         # so move it onto the fitted position of the first site instead (a multiple of 1/24 there).
@@ -189,7 +208,7 @@ def canonical_sites(table: SpaceGroupTable, orbits: Orbits) -> list[tuple]:
         on_axes = (pos.rotations[0] @ v + pos.translations[0])[list(table.polar_axes)]
         shift = np.zeros(3)
         shift[list(table.polar_axes)] = on_axes - np.rint(on_axes * 24) / 24
-        sites = _describe_variant(table, _moved(best, np.eye(3), -shift), refine=True)[1]
+        sites = _describe_variant(table, _moved(best, np.eye(3), -shift), positions, refine=True)[1]
     return sites
 
 

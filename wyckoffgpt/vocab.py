@@ -29,7 +29,7 @@ def vocab_dir() -> Path:
     return Path(str(resources.files("wyckoffgpt_vocab")))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: one object per (group, letter), hashable
 class WyckoffPosition:
     letter: str
     index: int  # position in ITA order within the group: 0 is letter a

@@ -1,0 +1,114 @@
+"""data_prep/prepare.py: every input kind, bad rows counted and skipped, a deterministic split."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wyckoffgpt.data import SequenceDataset, load_meta
+
+ROOT = Path(__file__).resolve().parent.parent
+PREPARE = ROOT / "data_prep" / "prepare.py"
+SLICE = ROOT / "tests" / "data" / "mp_slice.csv.gz"
+
+GOOD_CIF = """data_Po
+_symmetry_space_group_name_H-M 'P 1'
+_cell_length_a 3.35
+_cell_length_b 3.35
+_cell_length_c 3.35
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_Int_Tables_number 1
+loop_
+_symmetry_equiv_pos_as_xyz
+ 'x, y, z'
+loop_
+_atom_site_type_symbol
+_atom_site_label
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+ Po Po0 0 0 0 1
+"""
+
+
+def run_prepare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PREPARE), *args], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def messy_csv(tmp_path_factory):
+    """40 good rows of the slice plus the bad rows a real export contains."""
+    df = pd.read_csv(SLICE).head(40)
+    bad = pd.DataFrame({
+        "material_id": ["bad-garbage", "bad-empty", "bad-element", "nan-ehull"],
+        "e_above_hull": [0.0, 0.0, 0.0, float("nan")],
+        "cif": ["this is not a CIF", "", GOOD_CIF.replace("Po Po0", "Xx Xx0"), GOOD_CIF],
+    })
+    path = tmp_path_factory.mktemp("csv") / "messy.csv"
+    pd.concat([df, bad], ignore_index=True).to_csv(path, index=False)
+    return path
+
+
+def test_csv_bad_rows_are_counted_not_fatal(messy_csv, tmp_path):
+    out = tmp_path / "ds"
+    proc = run_prepare("--input", str(messy_csv), "--out", str(out), "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_read"] == 44
+    assert report["skipped_by_reason"] == {"unreadable CIF": 2, "unknown element": 1}  # garbage, empty; Xx
+    assert report["kept"] + report["skipped"] == 44
+    assert report["stability"]["ehull:unknown"] == 1  # NaN e_above_hull is kept as unknown stability
+    assert report["train"] + report["val"] == report["kept"] and report["val"] == round(report["kept"] * 0.1)
+    meta = load_meta(out)
+    assert meta["splits"] == {"val": report["val"], "train": report["train"]}
+    assert len(SequenceDataset(out, "train")) == report["train"]
+    assert "ehull" in proc.stdout  # the report is printed too
+
+
+def test_split_is_deterministic_and_seeded(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    for out, seed in ((a, "0"), (b, "0"), (c, "1")):
+        assert run_prepare("--input", str(SLICE), "--out", str(out), "--limit", "60", "--seed", seed).returncode == 0
+    ids = {p.name: load_meta(p)["material_ids"]["val"] for p in (a, b, c)}
+    assert ids["a"] == ids["b"] and ids["a"] != ids["c"]
+    assert np.array_equal(np.load(a / "train.ids.npy"), np.load(b / "train.ids.npy"))
+
+
+def test_cif_folder_and_extxyz_inputs(tmp_path):
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from wyckoffgpt.structure_io import iter_records, parse_structure
+
+    structures = [parse_structure(r) for r in iter_records(SLICE, limit=12)]
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for i, s in enumerate(structures):
+        s.to(filename=str(folder / f"s{i}.cif"))
+    (folder / "broken.cif").write_text("data_x\n_cell_length_a oops\n")
+    proc = run_prepare("--input", str(folder), "--out", str(tmp_path / "from_cifs"))
+    report = json.loads((tmp_path / "from_cifs" / "report.json").read_text())
+    assert proc.returncode == 0 and report["rows_read"] == 13 and report["skipped_by_reason"]["unreadable CIF"] == 1
+
+    xyz = tmp_path / "frames.extxyz"
+    write(str(xyz), [AseAtomsAdaptor.get_atoms(s) for s in structures], format="extxyz")
+    proc = run_prepare("--input", str(xyz), "--out", str(tmp_path / "from_xyz"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "from_xyz" / "report.json").read_text())["rows_read"] == 12
+
+
+@pytest.mark.parametrize("content, message", [("", "is empty"), ("a,b\n1,2\n", "no 'cif' column")])
+def test_unusable_input_file_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "in.csv"
+    path.write_text(content)
+    proc = run_prepare("--input", str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
