@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py [--preset small] [--batch-size N] [--seq-len 64] [--steps 10]
 
 Times full training steps (forward with loss, backward, grad clipping, AdamW) in fp32 and under bf16
-autocast, and the machine's matmul rate in the same run. MFU = 6 * params * tokens/s / matmul FLOP/s
+autocast, and the machine's matmul rate in the same run. MFU = 6 * params * tokens/s / matmul FLOP/s (median over rounds)
 (the usual 6N FLOPs per token for forward + backward; attention scores are not counted).
 The last line printed is one JSON object.
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 
 import torch
 
-from wyckoffgpt.configuration_wyckoffgpt import PRESET_TRAINING
+from wyckoffgpt.configuration_wyckoffgpt import PRESET_TRAINING, WyckoffGPTConfig
 from wyckoffgpt.modeling_wyckoffgpt import WyckoffGPTModel
-from wyckoffgpt.configuration_wyckoffgpt import WyckoffGPTConfig
 
 
 def vocab_fields() -> dict:
@@ -30,8 +31,8 @@ def vocab_fields() -> dict:
         return dict(vocab_size=1300, coord_token_ids=[3, 4, 5], length_token_ids=[6, 7, 8], angle_token_ids=[9, 10, 11])
 
 
-def matmul_gflops(dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """Best rate over a few large square matmuls."""
+def matmul_gflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Rate of large square matmuls (best of two sizes)."""
     best = 0.0
     for n in (1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -58,24 +59,26 @@ def synthetic_batch(fields: dict, batch: int, seq_len: int, gen: torch.Generator
     return {"input_ids": ids, "input_values": values}
 
 
-def tokens_per_second(model, batch, steps: int, bf16: bool) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-3, foreach=True)
+class Trainer:
+    """One training step as in wyckoffgpt.training: forward with loss, backward, clipping, fused AdamW."""
 
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(**batch, compute_loss=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, model, batch, bf16: bool) -> None:
+        self.model, self.batch, self.bf16 = model, batch, bf16
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-3, fused=True)
+        self.tokens_per_step = batch["input_ids"].numel()
+        self.steps(2)  # warm-up: allocator, kernels, optimizer state
 
-    for _ in range(2):  # warm-up: allocator, kernels
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = time.perf_counter() - start
-    return batch["input_ids"].numel() * steps / elapsed
+    def steps(self, n: int) -> float:
+        """tokens/s over n steps."""
+        start = time.perf_counter()
+        for _ in range(n):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.model(**self.batch, compute_loss=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return self.tokens_per_step * n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -83,7 +86,8 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's training batch size")
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=3, help="training steps per round")
+    p.add_argument("--rounds", type=int, default=6)
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -93,10 +97,20 @@ def main() -> None:
     params = model.num_parameters()
     batch = synthetic_batch(fields, batch_size, args.seq_len, torch.Generator().manual_seed(0))
 
-    gflops_fp32 = matmul_gflops(torch.float32)
-    gflops_bf16 = matmul_gflops(torch.bfloat16)
-    tps_fp32 = tokens_per_second(model, batch, args.steps, bf16=False)
-    tps_bf16 = tokens_per_second(model, batch, args.steps, bf16=True)
+    # A round measures the matmul rate right before and right after a few training steps, so each MFU
+    # pairs numbers taken under the same conditions (other load on a shared machine moves both); the
+    # medians over rounds are reported.
+    trainers = {"fp32": Trainer(model, batch, bf16=False), "bf16": Trainer(model, batch, bf16=True)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rounds: dict[str, list[tuple[float, float, float]]] = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            before = matmul_gflops(dtypes[name], 0.4)
+            tps = trainer.steps(args.steps)
+            peak = (before + matmul_gflops(dtypes[name], 0.4)) / 2
+            rounds[name].append((tps, peak, 6 * params * tps / (peak * 1e9)))
+    med = {name: [statistics.median(col) for col in zip(*rows)] for name, rows in rounds.items()}
+    (tps_fp32, gflops_fp32, mfu_fp32), (tps_bf16, gflops_bf16, mfu_bf16) = med["fp32"], med["bf16"]
     result = {
         "preset": args.preset,
         "params": params,
@@ -107,8 +121,11 @@ def main() -> None:
         "tokens_per_s_bf16": round(tps_bf16, 1),
         "matmul_gflops_fp32": round(gflops_fp32, 1),
         "matmul_gflops_bf16": round(gflops_bf16, 1),
-        "mfu_fp32": round(6 * params * tps_fp32 / (gflops_fp32 * 1e9), 3),
-        "mfu_bf16": round(6 * params * tps_bf16 / (gflops_bf16 * 1e9), 3),
+        "mfu_fp32": round(mfu_fp32, 3),
+        "mfu_bf16": round(mfu_bf16, 3),
+        "mfu_fp32_rounds": [round(r[2], 3) for r in rounds["fp32"]],
+        "mfu_bf16_rounds": [round(r[2], 3) for r in rounds["bf16"]],
+        "load_average_1min": os.getloadavg()[0],  # > cores means others shared the CPU
     }
     print(json.dumps(result))
 

@@ -78,11 +78,16 @@ def test_tiny_model_overfits_32_sequences():
     model = tiny().train()
     batch = batch_of(32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        out = model(**batch, compute_loss=True)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only lose to thread synchronisation, badly on a busy CPU
+    try:
+        for _ in range(300):
+            out = model(**batch, compute_loss=True)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         out = model(**batch, compute_loss=True)

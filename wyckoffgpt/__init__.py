@@ -14,3 +14,6 @@ from .modeling_wyckoffgpt import WyckoffGPTModel
 AutoConfig.register("wyckoffgpt", WyckoffGPTConfig, exist_ok=True)
 AutoModel.register(WyckoffGPTConfig, WyckoffGPTModel, exist_ok=True)
 __all__ += ["WyckoffGPTConfig", "WyckoffGPTModel"]
+
+from .generation import CrystalGenerator  # noqa: E402  (after the model classes it loads)
+__all__ += ["CrystalGenerator"]

@@ -22,7 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Training defaults that go with each preset (batch size in sequences per process and step).
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "tiny": dict(batch_size=32, max_lr=1e-3),
-    "small": dict(batch_size=32, max_lr=5e-4),
+    "small": dict(batch_size=64, max_lr=5e-4),
     "paper": dict(batch_size=256, max_lr=2e-4),
 }
 

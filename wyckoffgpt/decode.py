@@ -72,14 +72,21 @@ def shortest_lattice_vector(lattice: Lattice) -> float:
 def min_distance(structure: Structure) -> float:
     """Smallest interatomic distance in Å over all periodic images, an atom's own images included
     (so a lone atom gives the shortest lattice vector); 0 for two atoms at the same point."""
+    from pymatgen.optimization.neighbors import find_points_in_spheres
+
     self_image = shortest_lattice_vector(structure.lattice)
     if len(structure) == 1:
         return self_image
-    reduced = structure.get_reduced_structure("LLL")
+    # Cartesian positions are basis-independent: search in the LLL-reduced cell, whose near-orthogonal
+    # basis keeps the image search small.
+    lll = np.ascontiguousarray(structure.lattice.get_lll_reduced_lattice().matrix, dtype=float)
+    cart = np.ascontiguousarray(structure.cart_coords, dtype=float)
     # Search no farther than the own-image distance: the answer is at most that, and the radius
     # bounds the neighbour count even for flat or needle-like cells.
-    centers, points, offsets, dists = reduced.get_neighbor_list(self_image * (1 + 1e-9) + 1e-9, exclude_self=False)
-    # exclude_self=True would also drop distinct atoms that coincide; drop only the atom itself.
+    radius = self_image * (1 + 1e-9) + 1e-9
+    centers, points, offsets, dists = find_points_in_spheres(
+        cart, cart, r=radius, pbc=np.array([1, 1, 1], dtype=np.int64), lattice=lll, tol=1e-8)
+    # Keep distinct atoms that coincide (distance 0); drop only each atom's zero-offset self.
     keep = (centers != points) | np.any(offsets != 0, axis=1)
     return float(min(dists[keep].min(initial=self_image), self_image))
 

@@ -8,6 +8,11 @@ The same parser validates a whole sequence for the decoder (`parse`) and, one to
 tells the sampler which tokens may come next (`allowed_mask`), so a sampled sequence can
 always be decoded. A position without free parameters may appear once; every declared
 element must be used by some site before the lattice starts.
+
+For sampling, a parser also takes `Conditions` (forced stability, elements, space group) and
+`Limits` (sites and atoms per cell); `allowed_mask` then excludes every token after which no
+complete sequence within them exists, and `value_bounds` keeps sampled cell angles where the cell
+exists. `parse` uses neither: it accepts every grammatical sequence.
 """
 from __future__ import annotations
 
@@ -73,6 +78,8 @@ class Conditions:
 # Bounds on sampled cell angles: well inside (0, 180) so that every accepted cell has a clearly
 # positive volume (the decoder rejects cells with a vanishing volume factor).
 ANGLE_BOUNDS = (5.0, 175.0)
+# Lengths need only be positive; this floor keeps them so in float32 too.
+LENGTH_MIN = 1e-6
 # Margin (degrees) kept from the triangle inequalities that the third triclinic angle must satisfy.
 ANGLE_MARGIN = 1.0
 
@@ -205,14 +212,8 @@ class SequenceParser:
         self._tok = vocab.tokens
 
     def feed(self, token_id: int, value: float = math.nan) -> None:
-        if self._constrained and 0 <= token_id < len(self.vocab) and not self.allowed_mask()[token_id]:
-            raise DecodeError(f"token {self._tok[token_id]!r} at position {self.n_fed}: excluded by the "
-                              f"conditions or limits")
-        if self._constrained and self._tok[token_id] in ANGLE_TOKENS:
-            lo, hi = self.value_bounds(token_id)
-            if not lo <= value <= hi:
-                raise DecodeError(f"angle {self._tok[token_id]}={value} at position {self.n_fed}: outside "
-                                  f"[{lo:.6g}, {hi:.6g}], the range that keeps the cell valid")
+        if self._constrained and 0 <= token_id < len(self.vocab):
+            self._check_allowed(token_id, value)
         self._feed(token_id, value)
         self.n_fed += 1
 
@@ -346,6 +347,16 @@ class SequenceParser:
         self._mask_at, self._mask = self.n_fed, mask
         return mask
 
+    def _check_allowed(self, token_id: int, value: float) -> None:
+        tok = self._tok[token_id]
+        if not self.allowed_mask()[token_id]:
+            raise DecodeError(f"token {tok!r} at position {self.n_fed}: excluded by the conditions or limits")
+        if tok in ANGLE_TOKENS:
+            lo, hi = self.value_bounds(token_id)
+            if not lo <= value <= hi:
+                raise DecodeError(f"angle {tok}={value} at position {self.n_fed}: outside [{lo:.6g}, {hi:.6g}], "
+                                  f"the range that keeps the cell valid")
+
     def _site_mask(self, rules: _Rules) -> np.ndarray:
         lim, b = rules.limits, rules.budgets[self.group.number]
         missing = len(self.elements) - len(self.used_elements)
@@ -393,7 +404,7 @@ class SequenceParser:
         if tok in COORD_TOKENS:
             return 0.0, 1.0
         if tok not in ANGLE_TOKENS:
-            return math.ulp(0.0), math.inf
+            return LENGTH_MIN, math.inf
         lo, hi = ANGLE_BOUNDS
         if tok == "gamma" and "alpha" in self.lattice and "beta" in self.lattice:
             a, b = self.lattice["alpha"], self.lattice["beta"]

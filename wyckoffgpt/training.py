@@ -166,17 +166,43 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], WyckoffGPTConfig]:
 
 
 class EpochBatches:
-    def __init__(self, n: int, batch_size: int, accum: int, world: int, rank: int, seed: int) -> None:
-        self.n, self.bs, self.accum, self.world, self.rank, self.seed = n, batch_size, accum, world, rank, seed
+    """Deterministic batches of an epoch, a function of (seed, epoch) only, so a resumed run reads the
+    same batches. Sequences of similar length are grouped (sorted within chunks of BUCKET_STEPS steps,
+    then the steps shuffled), which cuts padding roughly in half on Wyckoff sequences whose lengths
+    vary from ~10 to ~120 tokens. The tail that does not fill a whole step is dropped."""
+
+    BUCKET_STEPS = 50
+
+    def __init__(
+        self, lengths: np.ndarray, batch_size: int, accum: int, world: int, rank: int, seed: int, bucket: bool = True
+    ) -> None:
+        self.lengths, self.bs, self.accum, self.world, self.rank, self.seed = lengths, batch_size, accum, world, rank, seed
+        self.bucket = bucket
         self.micro_per_step = accum * world
-        self.steps_per_epoch = n // (batch_size * self.micro_per_step)
+        self.steps_per_epoch = len(lengths) // (batch_size * self.micro_per_step)
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """(steps, micro-batches per step, batch size) sequence indices."""
+        if self._cache is None or self._cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            per_step = self.micro_per_step * self.bs
+            perm = rng.permutation(len(self.lengths))[: self.steps_per_epoch * per_step]
+            if self.bucket:
+                chunk = per_step * self.BUCKET_STEPS
+                for lo in range(0, len(perm), chunk):
+                    part = perm[lo : lo + chunk]
+                    perm[lo : lo + chunk] = part[np.argsort(self.lengths[part], kind="stable")]
+            steps = perm.reshape(self.steps_per_epoch, self.micro_per_step, self.bs)
+            if self.bucket:
+                steps = steps[rng.permutation(self.steps_per_epoch)]
+            self._cache = (epoch, steps)
+        return self._cache[1]
 
     def step_indices(self, epoch: int, step_in_epoch: int) -> list[np.ndarray]:
-        """This process's micro-batches (arrays of sequence indices) for one optimizer step."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        first = step_in_epoch * self.micro_per_step
-        micro = [first + a * self.world + self.rank for a in range(self.accum)]
-        return [perm[j * self.bs : (j + 1) * self.bs] for j in micro]
+        """This process's micro-batches for one optimizer step: micro-batch j goes to process j % world."""
+        step = self.epoch(epoch)[step_in_epoch]
+        return [step[a * self.world + self.rank] for a in range(self.accum)]
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -344,6 +370,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     max_lr = cfg.max_lr or preset_train["max_lr"]
     config = _model_config(cfg, meta, resume_config)
     pad = config.pad_token_id
+    if meta.get("max_length", 0) > config.max_position_embeddings:
+        raise _fail(
+            f"dataset sequences reach {meta['max_length']} tokens, more than the model's "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise _fail("fp16 mixed precision needs a GPU; use bf16 on CPU")
 
     # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with other
     # settings (e.g. a bf16 run after an fp32 one in the same Python session): start it afresh. The
@@ -358,7 +391,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # is normalised by the token count of all its micro-batches, not averaged per micro-batch.
     set_seed(cfg.seed)
     world, rank = acc.num_processes, acc.process_index
-    batches = EpochBatches(len(train_set), batch_size, cfg.grad_accum_steps, world, rank, cfg.seed)
+    batches = EpochBatches(train_set.lengths(), batch_size, cfg.grad_accum_steps, world, rank, cfg.seed)
     if batches.steps_per_epoch == 0:
         need = batch_size * cfg.grad_accum_steps * world
         raise _fail(
@@ -366,6 +399,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"(batch_size {batch_size} x grad_accum {cfg.grad_accum_steps} x processes {world} = {need})"
         )
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+    layout = {"processes": world, "batch_size": batch_size, "grad_accum_steps": cfg.grad_accum_steps}
+    if resume_state is not None and resume_state.get("layout", layout) != layout:
+        # The data position is counted in steps of this layout; another one would read other batches.
+        raise _fail(f"checkpoint was written with {resume_state['layout']}, this run has {layout}; resume with the same")
 
     if cfg.init_from and resume_state is None:
         model = WyckoffGPTModel.from_pretrained(cfg.init_from)
@@ -378,12 +415,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=max_lr,
         betas=cfg.betas,
-        foreach=True,
+        fused=True,  # one kernel for all tensors: ~10x faster than foreach on CPU
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup_frac, cfg.final_lr_frac))
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
 
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": None, "best_val_parts": None, "bad_evals": 0}
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": None, "best_val_parts": None, "bad_evals": 0,
+             "layout": layout, "total_steps": total_steps}  # fmt: skip
     if resume_state is not None:
         try:
             acc.load_state(str(checkpoints[-1]))
@@ -448,6 +486,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             window_tokens, window_start = 0.0, time.perf_counter()
 
         stop_early = False
+        pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
         if val_set is not None and cfg.eval_every and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps):
             val = evaluate(acc, model, val_set, cfg.eval_batch_size or 2 * batch_size, pad)
             row.update({f"val_{k}_loss" if k != "loss" else "val_loss": v for k, v in val.items()})
@@ -464,9 +503,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        elapsed_s=time.perf_counter() - run_start)  # fmt: skip
             log.write(row)
 
+        window_start += time.perf_counter() - pause_start
         interrupted = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step and state["step"] < total_steps
         if (cfg.save_every and state["step"] % cfg.save_every == 0) or interrupted:
+            pause_start = time.perf_counter()
             _save_checkpoint(acc, out, state, config, cfg.keep_last_checkpoints)
+            window_start += time.perf_counter() - pause_start
         if interrupted:
             bar.close()
             acc.print(f"stopped at step {state['step']} as asked; continue with --resume")

@@ -1,0 +1,203 @@
+"""Generate crystal structures with a trained WyckoffGPT model.
+
+    python generate.py --elements Al Ca Cu --ehull low [-n 100] [--spacegroup 225] [--model DIR]
+
+Writes one file per valid structure (decoded, no atoms closer than the distance threshold) to --out,
+plus summary.csv with every sample and its flags, and prints a short summary.
+Bad input exits with status 2 and one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "json": ".json"}
+CSV_FIELDS = ["index", "file", "formula", "reduced_formula", "requested_spacegroup", "detected_spacegroup",
+              "num_sites", "density", "min_distance", "flags", "temperature", "sequence"]
+
+
+class UsageError(Exception):
+    pass
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage block
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument("--elements", nargs="+", metavar="EL", help="exactly this chemical system, e.g. Al Ca Cu")
+    p.add_argument("--ehull", choices=["low", "high"], help="stability class (default: sampled)")
+    p.add_argument("--spacegroup", type=int, metavar="N", help="space group number 1-230 (default: sampled)")
+    p.add_argument("-n", "--num-samples", type=int, default=100, dest="n")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling of tokens (default: off)")
+    p.add_argument("--batch-size", type=int, default=256, dest="batch_size")
+    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--min-distance", type=float, default=0.7, dest="min_distance",
+                   help="minimum interatomic distance in Å (default 0.7)")
+    p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
+    p.add_argument("--format", choices=list(FORMATS), default="cif")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need no model, done before the (slow) model load."""
+    if args.n <= 0:
+        raise UsageError(f"-n must be positive, got {args.n}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if not args.min_distance >= 0:
+        raise UsageError(f"--min-distance must be >= 0, got {args.min_distance}")
+    if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
+        raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
+    if args.device is not None:
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:0, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    system = "-".join(args.elements) if args.elements else "any"
+    parts = [system] + ([f"sg{args.spacegroup}"] if args.spacegroup else []) + \
+        ([f"ehull-{args.ehull}"] if args.ehull else []) + [time.strftime("%Y%m%d-%H%M%S")]
+    out = Path("generated_" + "_".join(parts))
+    k = 1
+    while out.exists():
+        out = out.with_name(f"{out.name.rsplit('.', 1)[0]}.{k}")
+        k += 1
+    return out
+
+
+def prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so an interrupted run leaves no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def structure_text(structure, fmt: str) -> str:
+    if fmt == "cif":
+        from pymatgen.io.cif import CifWriter
+
+        return str(CifWriter(structure))
+    if fmt == "json":
+        return json.dumps(structure.as_dict())
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buf = io.StringIO()
+    write(buf, AseAtomsAdaptor.get_atoms(structure), format="extxyz")
+    return buf.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    out = args.out or default_out(args)
+    created = not out.exists()
+    prepare_out(out)
+    try:
+        return generate(args, out)
+    except UsageError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # leave no empty folder behind for a run that never started
+        raise
+
+
+def generate(args: argparse.Namespace, out: Path) -> int:
+
+    import transformers
+    from tqdm import tqdm
+
+    from wyckoffgpt.generation import CrystalGenerator, InputError
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        gen = CrystalGenerator.from_pretrained(args.model, device=args.device)
+        gen.conditions(args.elements, args.ehull, args.spacegroup)  # fail before any sampling
+    except InputError as e:
+        raise UsageError(str(e)) from None
+
+    t0 = time.perf_counter()
+    with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None, desc="sampling") as bar:
+        results = gen.generate(args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
+                               temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                               top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update)
+    rows = []
+    for r in results:
+        s, name = r.structure, ""
+        if r.valid:
+            name = f"{r.index:05d}_{s.composition.reduced_formula}_sg{r.spacegroup}{FORMATS[args.format]}"
+            write_atomic(out / name, structure_text(s, args.format))
+        rows.append({
+            "index": r.index, "file": name,
+            "formula": s.formula.replace(" ", "") if s is not None else "",
+            "reduced_formula": s.composition.reduced_formula if s is not None else "",
+            "requested_spacegroup": r.spacegroup if r.spacegroup is not None else "",
+            "detected_spacegroup": r.detected_spacegroup if r.detected_spacegroup is not None else "",
+            "num_sites": len(s) if s is not None else "",
+            "density": f"{s.density:.4f}" if s is not None else "",
+            "min_distance": f"{r.min_distance:.4f}" if r.min_distance is not None else "",
+            "flags": "|".join(r.flags) + (f": {r.error}" if r.error else ""),
+            "temperature": r.temperature, "sequence": str(r.sequence),
+        })
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "summary.csv", buf.getvalue())
+    elapsed = time.perf_counter() - t0
+
+    decoded = [r for r in results if r.structure is not None]
+    valid = [r for r in decoded if r.valid]
+    consistent = [r for r in valid if "spacegroup_mismatch" not in r.flags]
+    unique = [r for r in valid if "duplicate" not in r.flags]
+    print(f"seed {gen.last_seed}, T={args.temperature}, {elapsed:.1f} s")
+    print(f"sampled {len(results)}, decoded {len(decoded)}, passed distance filter (>= {args.min_distance} Å) "
+          f"{len(valid)}, space-group consistent {len(consistent)}, unique {len(unique)}")
+    print(f"wrote {len(valid)} {args.format} files and summary.csv to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except UsageError as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

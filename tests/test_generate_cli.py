@@ -1,0 +1,153 @@
+"""generate.py end to end with a random-weight tiny model: files written, conditioning, filters,
+seeds, and one-line errors (exit status 2) for each kind of bad input."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from pymatgen.core import Structure
+from random_model import save_random_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = load_cli()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    return save_random_model(tmp_path_factory.mktemp("model"))
+
+
+def run(argv, capsys):
+    code = CLI.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_summary(folder: Path) -> list[dict]:
+    with open(folder / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_elements_ehull_writes_only_that_system_and_no_close_contacts(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(["--model", model_dir, "--elements", "Al", "Ca", "Cu", "--ehull", "low", "-n", 40,
+                             "--batch-size", 20, "--seed", 0, "--out", out], capsys)
+    assert code == 0, err
+    assert "sampled 40, decoded 40" in stdout
+    rows = read_summary(out)
+    assert len(rows) == 40 and all(r["formula"] for r in rows)  # every sample decoded
+    written = sorted(out.glob("*.cif"))
+    assert written and len(written) == sum(1 for r in rows if r["file"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in written:
+            s = Structure.from_file(path)
+            assert {el.symbol for el in s.composition.elements} == {"Al", "Ca", "Cu"}
+            assert min(s.distance_matrix[s.distance_matrix > 0].min(initial=99), min(s.lattice.abc)) >= 0.7 - 1e-6
+            index, formula, sg = path.stem.split("_")
+            row = rows[int(index)]
+            assert row["file"] == path.name and row["reduced_formula"] == formula and sg == f"sg{row['requested_spacegroup']}"
+    assert all(float(r["min_distance"]) >= 0.7 for r in rows if r["file"])
+    assert all("too_close" in r["flags"] for r in rows if not r["file"])
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_spacegroup_and_formats_and_same_seed(model_dir, tmp_path, capsys):
+    base = ["--model", model_dir, "--spacegroup", 221, "-n", 12, "--seed", 5]
+    for fmt in ("json", "extxyz"):
+        code, _, err = run(base + ["--format", fmt, "--out", tmp_path / fmt], capsys)
+        assert code == 0, err
+        rows = read_summary(tmp_path / fmt)
+        assert {r["requested_spacegroup"] for r in rows} == {"221"}
+        assert sorted(p.name for p in (tmp_path / fmt).glob(f"*.{fmt}")) == sorted(r["file"] for r in rows if r["file"])
+    # Same seed, other format: the same samples.
+    assert [r["sequence"] for r in read_summary(tmp_path / "json")] == \
+        [r["sequence"] for r in read_summary(tmp_path / "extxyz")]
+
+
+def corrupt_models(model_dir: Path, tmp: Path) -> dict[str, Path]:
+    bad_json = tmp / "bad_json"
+    bad_json.mkdir()
+    for f in model_dir.iterdir():
+        (bad_json / f.name).write_bytes(f.read_bytes())
+    (bad_json / "config.json").write_text("{not json")
+    truncated = tmp / "truncated"
+    truncated.mkdir()
+    for f in model_dir.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    empty = tmp / "empty"
+    empty.mkdir()
+    return {"bad_json": bad_json, "truncated": truncated, "empty": empty}
+
+
+BAD_INPUTS = {
+    "unknown element": (["--elements", "Al", "Xx"], "unknown element"),
+    "element not in vocab": (["--elements", "Og"], "not in the model's vocabulary"),
+    "sg 0": (["--spacegroup", "0"], "1-230"),
+    "sg 231": (["--spacegroup", "231"], "1-230"),
+    "sg impossible for elements": (["--elements", "H", "Li", "Be", "B", "C", "N", "O", "F", "--spacegroup", "230"],
+                                   "cannot hold 8 elements"),
+    "n zero": (["-n", "0"], "-n must be positive"),
+    "n negative": (["-n", "-3"], "-n must be positive"),
+    "temperature zero": (["--temperature", "0"], "temperature"),
+    "temperature negative": (["--temperature", "-1"], "temperature"),
+    "n not a number": (["-n", "many"], "invalid int"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_one_line_exit_2(name, model_dir, tmp_path, capsys):
+    args, expected = BAD_INPUTS[name]
+    code, stdout, err = run(["--model", model_dir, "--out", tmp_path / "out", *args], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["missing", "bad_json", "truncated", "empty", "unwritable_out"])
+def test_bad_model_or_out_one_line_exit_2(kind, model_dir, tmp_path, capsys):
+    models = corrupt_models(model_dir, tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    model = {"missing": tmp_path / "no_such_model"}.get(kind, models.get(kind, model_dir))
+    out = blocker / "out" if kind == "unwritable_out" else tmp_path / "out"
+    code, _, err = run(["--model", model, "--out", out, "-n", 2], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    expected = {"missing": "does not exist", "unwritable_out": "cannot write to --out", "empty": "no config.json"}
+    assert expected.get(kind, "corrupt") in err
+
+
+def test_without_model_and_without_bundled_model_says_which_to_pass(tmp_path, capsys):
+    from wyckoffgpt import generation
+
+    if generation.PRETRAINED_DIR.is_dir() and any(generation.PRETRAINED_DIR.glob("*/config.json")):
+        pytest.skip("a bundled model exists")
+    code, _, err = run(["--out", tmp_path / "out", "-n", 2], capsys)
+    assert code == 2 and "--model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "-n", "0", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["generate.py: error: -n must be positive, got 0"]

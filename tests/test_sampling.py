@@ -1,0 +1,182 @@
+"""Grammar-constrained sampling: no dead ends, 100 % decodable samples, conditioning, filters, seeds."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from random_model import save_random_model
+
+from wyckoffgpt.decode import check_structure, find_duplicates, min_distance, to_structure
+from wyckoffgpt.grammar import Conditions, DecodeError, Limits, SequenceParser, check_conditions, parse
+from wyckoffgpt.vocab import default_vocab
+
+VOCAB = default_vocab()
+
+CONDITIONS = [
+    Conditions(),
+    Conditions("ehull:low"),
+    Conditions(None, ("Al", "Ca", "Cu")),
+    Conditions("ehull:high", ("O",), 225),
+    Conditions(None, None, 2),  # triclinic: three free angles
+    Conditions(None, ("H", "Li", "O", "Fe", "Cu"), 1),
+]
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    from wyckoffgpt import CrystalGenerator
+
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
+    return CrystalGenerator.from_pretrained(save_random_model(tmp_path_factory.mktemp("model")), device="cpu")
+
+
+def random_walk(rng: np.random.Generator, limits: Limits, cond: Conditions) -> tuple[list[int], list[float]]:
+    """Uniform choice among allowed tokens, values anywhere in their bounds: the harshest sampler."""
+    parser = SequenceParser(VOCAB, limits, cond)
+    ids, values = [], []
+    while not parser.done:
+        allowed = np.flatnonzero(parser.allowed_mask())
+        assert len(allowed), f"dead end after {[VOCAB.tokens[i] for i in ids]}"
+        tok = int(rng.choice(allowed))
+        val = math.nan
+        if tok in VOCAB.value_ids:
+            lo, hi = parser.value_bounds(tok)
+            val = float(rng.uniform(lo, min(hi, 1.0 if VOCAB.tokens[tok] in "xyz" else 15.0)))
+        parser.feed(tok, val)
+        ids.append(tok)
+        values.append(val)
+    return ids, values
+
+
+@pytest.mark.parametrize("limits", [Limits(), Limits(3, 8), Limits(1, 4)], ids=str)
+def test_random_walks_never_dead_end_and_always_decode(limits):
+    rng = np.random.default_rng(0)
+    for cond in CONDITIONS:
+        try:
+            check_conditions(VOCAB, cond, limits)
+        except ValueError:
+            continue
+        for _ in range(40):
+            ids, values = random_walk(rng, limits, cond)
+            desc = parse(VOCAB, ids, values)
+            assert len(desc.sites) <= limits.max_sites
+            assert sum(s.position.multiplicity for s in desc.sites) <= limits.max_atoms
+            if cond.elements:
+                assert tuple(desc.elements) == cond.elements
+                assert {s.element for s in desc.sites} == set(cond.elements)
+            if cond.spacegroup:
+                assert desc.group.number == cond.spacegroup
+            if cond.stability:
+                assert desc.stability == cond.stability
+            to_structure(desc)  # the cell always exists
+
+
+def test_constrained_parser_accepts_real_sequences_and_rejects_masked_tokens(tokenizer):
+    rocksalt = Structure.from_spacegroup(225, Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    seq = tokenizer.encode(rocksalt, e_above_hull=0.0)
+    parser = SequenceParser(VOCAB, Limits(), Conditions("ehull:low", ("Na", "Cl"), 225))
+    for tok, val in zip(seq.ids.tolist(), seq.values.tolist()):
+        assert parser.allowed_mask()[tok]
+        parser.feed(tok, val)
+    assert parser.done
+    wrong = SequenceParser(VOCAB, Limits(), Conditions("ehull:high"))
+    wrong.feed(VOCAB.bos_id)
+    with pytest.raises(DecodeError, match="excluded"):
+        wrong.feed(VOCAB.token_to_id["ehull:low"])
+
+
+def test_fixed_positions_at_most_once_and_eos_only_when_complete():
+    parser = SequenceParser(VOCAB, Limits(), Conditions(None, ("Na", "Cl"), 225))
+    for tok in ["<bos>", "ehull:low", "n:2", "Na", "Cl", "sg:225"]:
+        parser.feed(VOCAB.token_to_id[tok])
+    pos_a = VOCAB.group(225).by_letter["a"].orbit
+    parser.feed(VOCAB.token_to_id[pos_a])
+    parser.feed(VOCAB.token_to_id["Na"])
+    mask = parser.allowed_mask()
+    assert not mask[VOCAB.token_to_id[pos_a]]  # 4a has no free parameter: used up
+    assert not mask[VOCAB.token_to_id["a"]]  # Cl not placed yet: no lattice, no eos
+    assert not mask[VOCAB.eos_id]
+
+
+def test_impossible_conditions_are_refused():
+    with pytest.raises(ValueError, match="cannot hold 8 elements"):
+        check_conditions(VOCAB, Conditions(None, ("H", "Li", "Be", "B", "C", "N", "O", "F"), 230))
+    with pytest.raises(ValueError, match="not in 1-230"):
+        check_conditions(VOCAB, Conditions(spacegroup=231))
+    with pytest.raises(ValueError, match="increasing atomic number"):
+        check_conditions(VOCAB, Conditions(elements=("O", "H")))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"elements": ["Cu", "al", "Ca"], "ehull": "low"},
+    {"ehull": "high", "spacegroup": 194},
+    {"elements": ["Si", "O"], "spacegroup": 1},
+], ids=["unconditional", "elements", "ehull+sg", "triclinic"])
+def test_random_model_samples_all_decode(generator, kwargs):
+    results = generator.generate(24, seed=1, batch_size=12, check_unique=False, **kwargs)
+    assert len(results) == 24
+    assert all(r.structure is not None for r in results), [r.error for r in results if r.error]
+    for r in results:
+        if "elements" in kwargs:
+            expected = {e.capitalize() for e in kwargs["elements"]}
+            assert {el.symbol for el in r.structure.composition.elements} == expected
+        if "spacegroup" in kwargs:
+            assert r.spacegroup == kwargs["spacegroup"]
+        if "ehull" in kwargs:
+            assert r.sequence.tokens[1] == f"ehull:{kwargs['ehull']}"
+        assert ("too_close" in r.flags) == (r.min_distance < 0.7)
+
+
+def test_same_seed_same_samples_and_cache_matches_recompute(generator):
+    from wyckoffgpt.sampling import Sampler
+
+    a = generator.generate(6, seed=7, batch_size=6, check_unique=False)
+    b = generator.generate(6, seed=7, batch_size=6, check_unique=False)
+    c = generator.generate(6, seed=8, batch_size=6, check_unique=False)
+    assert [x.sequence for x in a] == [x.sequence for x in b]
+    assert [x.sequence for x in a] != [x.sequence for x in c]
+    runs = []
+    for use_cache in (True, False):
+        parsers = [SequenceParser(VOCAB, Limits(6, 40)) for _ in range(4)]
+        runs.append(Sampler(generator.model, use_cache=use_cache).sample(
+            parsers, generator=torch.Generator().manual_seed(3)))
+    for ids_a, ids_b in zip(runs[0].ids, runs[1].ids):
+        assert np.array_equal(ids_a, ids_b)
+
+
+def test_top_p_and_temperature(generator):
+    from wyckoffgpt.generation import InputError
+
+    results = generator.generate(4, seed=0, temperature=0.5, top_p=0.9, check_unique=False)
+    assert all(r.structure is not None for r in results)
+    with pytest.raises(InputError):
+        generator.generate(4, temperature=0.0)
+
+
+def test_min_distance_includes_own_images_and_coincident_atoms():
+    rocksalt = Structure.from_spacegroup(225, Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert min_distance(rocksalt) == pytest.approx(2.82)
+    # One atom in a skewed cell: its nearest image is along a - b (1.0 Å), shorter than a, b and c.
+    lone = Structure(Lattice.from_parameters(5.0, 5.0, 6.0, 90, 90, 11.478), ["Fe"], [[0, 0, 0]])
+    assert min_distance(lone) == pytest.approx(1.0, abs=1e-3)
+    overlapping = Structure(Lattice.cubic(4.0), ["Fe", "Fe"], [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]])
+    assert min_distance(overlapping) == 0.0
+    across_boundary = Structure(Lattice.cubic(4.0), ["Fe", "Fe"], [[0.01, 0.5, 0.5], [0.99, 0.5, 0.5]])
+    assert min_distance(across_boundary) == pytest.approx(0.08)
+    check = check_structure(across_boundary, 221)
+    assert "too_close" in check.flags
+    check = check_structure(rocksalt, 225)
+    assert check.flags == [] and check.detected_spacegroup == 225
+    assert check_structure(rocksalt, 221).flags == ["spacegroup_mismatch"]
+
+
+def test_duplicates_found_by_structure_matching():
+    a = Structure.from_spacegroup(225, Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    b = a.copy()
+    b.translate_sites(list(range(len(b))), [0.1, 0.2, 0.3])
+    c = Structure.from_spacegroup(221, Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert find_duplicates([a, None, c, b]) == [None, None, None, 0]

@@ -1,0 +1,180 @@
+"""Batched autoregressive sampling with the model's KV cache, under the sequence grammar.
+
+One step: mask the logits with each row's `SequenceParser.allowed_mask()` (so no row can reach a
+dead end), divide by the temperature, optionally cut to the top-p nucleus, draw the token, then draw
+its value from the value head (`model.sample_values`, which applies the same temperature to the
+mixture) and feed only the new token through the model, reusing the cache.
+
+Cell angles: the value head is free to propose angles that cannot close a triclinic cell. A value
+outside the parser's `value_bounds` is redrawn up to `VALUE_REDRAWS` times and then clamped into
+the bounds, so every finished sequence describes a cell with a clearly positive volume.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .grammar import SequenceParser
+
+VALUE_REDRAWS = 4
+
+
+@dataclass
+class SampledBatch:
+    """Token ids and values per row (each row ends with <eos>, or is cut at `max_new_tokens`)."""
+
+    ids: list[np.ndarray]
+    values: list[np.ndarray]
+    n_new_tokens: int  # tokens drawn (not counting forced prompt tokens or padding)
+
+
+def forced_prefix(parser: SequenceParser) -> list[int]:
+    """Leading tokens the grammar allows exactly one of (the conditioning prompt); feeds them."""
+    prefix = []
+    while not parser.done:
+        allowed = np.flatnonzero(parser.allowed_mask())
+        if len(allowed) != 1 or int(allowed[0]) in parser.vocab.value_ids:
+            break
+        parser.feed(int(allowed[0]))
+        prefix.append(int(allowed[0]))
+    return prefix
+
+
+def draw_tokens(logits: torch.Tensor, allowed: torch.Tensor | None, temperature: float, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits (B, V) restricted to `allowed` (B, V) bool."""
+    logits = logits.float() / temperature
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set whose mass reaches top_p; the most likely token always stays.
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    # Inverse-CDF draw: one uniform per row, several times cheaper than torch.multinomial here.
+    gen_device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=gen_device).to(probs.device)
+    cdf = probs.cumsum(dim=-1)
+    # right=True never lands on a zero-probability token; rounding at the top end is clamped to the
+    # last token that has probability.
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    last = torch.where(probs > 0, torch.arange(probs.shape[1], device=probs.device), -1).amax(dim=-1)
+    return torch.minimum(tok, last)
+
+
+class Sampler:
+    """Draws sequences from a WyckoffGPT-like model: `model(input_ids, input_values, past_key_values=,
+    use_cache=)` returning `logits`, `last_hidden_state`, `past_key_values`, and `model.sample_values`."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_p: float | None = None,
+                 use_cache: bool = True):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.model = model
+        self.temperature = temperature
+        self.top_p = top_p
+        self.use_cache = use_cache
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, parsers: list[SequenceParser] | None, batch_size: int | None = None,
+               prompt: list[int] | None = None, max_new_tokens: int | None = None,
+               generator: torch.Generator | None = None,
+               on_step: Callable[[int], None] | None = None) -> SampledBatch:
+        """Sample one sequence per parser (fresh parsers sharing the same conditions), until each has
+        its <eos>. With `parsers=None` the grammar is off: `batch_size` rows of exactly
+        `max_new_tokens` unconstrained tokens after `prompt` (used to time the model alone)."""
+        model, dev = self.model, self.device
+        if parsers is not None:
+            # The forced prefix is the same for every row: one prompt, no padding.
+            prompt = forced_prefix(parsers[0])
+            for p in parsers[1:]:
+                for t in prompt:
+                    p.feed(t)
+            batch_size = len(parsers)
+        elif not prompt or not batch_size or not max_new_tokens:
+            raise ValueError("without parsers, give prompt, batch_size and max_new_tokens")
+        value_ids = model.config.coord_token_ids + model.config.length_token_ids + model.config.angle_token_ids
+        is_value = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=dev)
+        is_value[value_ids] = True
+
+        ids = torch.tensor([prompt] * batch_size, dtype=torch.long, device=dev)
+        # Values stay float64 so that a value clamped to a bound is exactly what the parser checks.
+        vals = torch.full(ids.shape, math.nan, dtype=torch.float64, device=dev)
+        rows = torch.arange(batch_size, device=dev)  # original index of each live row
+        out_ids = [list(prompt) for _ in range(batch_size)]
+        out_vals: list[list[float]] = [[math.nan] * len(prompt) for _ in range(batch_size)]
+        cache, step_ids, step_vals, n_new = None, ids, vals, 0
+        while len(rows):
+            if self.use_cache:
+                out = model(step_ids, step_vals, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+            else:
+                out = model(ids, vals)
+            logits, hidden = out.logits[:, -1], out.last_hidden_state[:, -1]
+            live = rows.tolist()
+            allowed = None
+            if parsers is not None:
+                allowed = torch.from_numpy(np.stack([parsers[r].allowed_mask() for r in live])).to(dev)
+            tok = draw_tokens(logits, allowed, self.temperature, self.top_p, generator)
+            val = torch.full(tok.shape, math.nan, dtype=torch.float64, device=dev)
+            has_value = is_value[tok]
+            if has_value.any():
+                sel = has_value.nonzero().squeeze(1)
+                val[sel] = self._values(hidden[sel], tok[sel], [live[i] for i in sel.tolist()], parsers, generator)
+            n_new += len(live)
+            tok_l, val_l = tok.tolist(), val.tolist()
+            finished = []
+            for i, r in enumerate(live):
+                out_ids[r].append(tok_l[i])
+                out_vals[r].append(val_l[i])
+                if parsers is not None:
+                    parsers[r].feed(tok_l[i], val_l[i])
+                    finished.append(parsers[r].done)
+                else:
+                    finished.append(len(out_ids[r]) - len(prompt) >= max_new_tokens)
+            if on_step is not None:
+                on_step(sum(finished))
+            if max_new_tokens is not None and parsers is not None and len(out_ids[live[0]]) - len(prompt) >= max_new_tokens:
+                break
+            ids, vals = torch.cat([ids, tok[:, None]], 1), torch.cat([vals, val[:, None]], 1)
+            keep = ~torch.tensor(finished, device=dev)
+            if not keep.all():
+                # Finished rows leave the batch (and the cache) instead of being padded along.
+                idx = keep.nonzero().squeeze(1)
+                rows, ids, vals, tok, val = rows[idx], ids[idx], vals[idx], tok[idx], val[idx]
+                if cache is not None and len(rows):
+                    cache.batch_select_indices(idx)
+            step_ids, step_vals = tok[:, None], val[:, None]
+        return SampledBatch([np.array(i, dtype=np.int64) for i in out_ids],
+                            [np.array(v, dtype=np.float64) for v in out_vals], n_new)
+
+    def _values(self, hidden: torch.Tensor, tok: torch.Tensor, rows: list[int],
+                parsers: list[SequenceParser] | None, generator: torch.Generator | None) -> torch.Tensor:
+        """Values for value tokens, redrawn then clamped into each row's grammar bounds."""
+        val = self.model.sample_values(hidden, tok, self.temperature, generator).double()
+        if parsers is None:
+            return val
+        bounds = torch.tensor([parsers[r].value_bounds(t) for r, t in zip(rows, tok.tolist())],
+                              dtype=val.dtype, device=val.device)
+        lo, hi = bounds[:, 0], bounds[:, 1]
+        for _ in range(VALUE_REDRAWS):
+            bad = ~((val >= lo) & (val <= hi))  # also catches NaN
+            if not bad.any():
+                break
+            sel = bad.nonzero().squeeze(1)
+            val[sel] = self.model.sample_values(hidden[sel], tok[sel], self.temperature, generator).double()
+        mid = torch.where(torch.isfinite(hi), (lo + hi) / 2, lo + 1.0)
+        val = torch.where(torch.isnan(val), mid, val)
+        return torch.minimum(torch.maximum(val, lo), hi)
