@@ -1,0 +1,251 @@
+"""Sample quality and validation NLL of a model, for the model card.
+
+    python benchmarks/quality.py [--model DIR] [--data DATASET_DIR] [--n 1000] [--temperatures 0.7 1.0 1.3]
+                                 [--ehull none low high] [--ablation-model DIR] [--out report.json]
+
+For each model, temperature and stability condition (`none`: unconditional), n samples are drawn and
+measured. Fractions are of all n samples for the first four columns and of the distance-valid
+samples for the rest:
+  seq_valid       the sequence decodes to a structure
+  dist_valid      decoded, and no two atoms closer than 0.7 Å
+  smact           composition passes SMACT (charge neutrality + electronegativity); training-set
+                  rate beside it
+  sg_consistent   spglib finds the space group the sequence states
+  unique          matches no earlier sample (StructureMatcher, within the same reduced formula)
+  novel           matches no training crystal (StructureMatcher against the fingerprint index,
+                  within the same reduced formula)
+  proto_low       stability proxy: the canonical prototype (formula, space group, Wyckoff
+                  letter/element multiset) occurs among low-e_hull training crystals; compare
+                  `low` and `high` rows
+Validation NLL (nats) of the val split, per kind of target: discrete token cross-entropy (also
+split by token class), and the value heads' NLL per coordinate, length and angle; an MSE-head
+model reports its mean squared error in the regressed variable instead.
+
+The fingerprint index is MODEL/fingerprints.npz, else --index, else built from --data's train split.
+--data defaults to the dataset the model was trained on (training_summary.json). A markdown table
+is printed, then one JSON line (the full report, also written to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from wyckoffgpt import metrics  # noqa: E402
+from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex, build_fingerprint_index  # noqa: E402
+from wyckoffgpt.generation import CrystalGenerator, GeneratedCrystal, resolve_model_path  # noqa: E402
+
+SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique", "novel", "proto_low")
+
+
+def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index: FingerprintIndex) -> dict:
+    t0 = time.perf_counter()
+    valid = [r for r in results if r.valid]
+    structures = [r.structure for r in valid]
+    smact = [r.structure is not None and metrics.smact_valid(r.structure.composition) for r in results]
+    unique = metrics.unique_flags(structures)
+    t1 = time.perf_counter()
+    novel = metrics.novel_flags(structures, index)
+    t2 = time.perf_counter()
+    # Canonical re-encoding: the key of the crystal actually produced, in the same canonical form
+    # the training keys were built from; the sampled sequence's own key if it cannot be encoded.
+    keys = [metrics.structure_prototype(r.structure, gen.tokenizer) or metrics.prototype_key(gen.tokenizer.parse(r.sequence))
+            for r in valid]
+    proto = metrics.low_prototype_flags(keys, index)
+    out = {
+        "n": len(results),
+        "n_dist_valid": len(valid),
+        "seq_valid": metrics.fraction([r.structure is not None for r in results]),
+        "dist_valid": metrics.fraction([r.valid for r in results]),
+        "smact": metrics.fraction(smact),
+        "sg_consistent": metrics.fraction(["spacegroup_mismatch" not in r.flags for r in valid]),
+        "unique": metrics.fraction(unique),
+        "novel": metrics.fraction(novel),
+        "unique_novel": metrics.fraction([u and v for u, v in zip(unique, novel)]),
+        "proto_low": metrics.fraction(proto),
+        "sampled_low": metrics.fraction([r.sequence.tokens[1] == "ehull:low" for r in results]),
+    }
+    out["seconds_unique"] = round(t1 - t0, 1)
+    out["seconds_novel"] = round(t2 - t1, 1)
+    out["seconds_proto"] = round(time.perf_counter() - t2, 1)
+    return out
+
+
+# Token classes for splitting the discrete cross-entropy by what the model is predicting.
+def _token_classes(vocab) -> tuple[np.ndarray, list[str]]:
+    names = ["stability", "arity", "element", "spacegroup", "wyckoff", "value_slot", "eos", "other"]
+    table = np.full(len(vocab), names.index("other"), dtype=np.int64)
+    for ids, name in ((vocab.stability_ids, "stability"), (vocab.arity_ids.values(), "arity"),
+                      (vocab.element_ids.values(), "element"), (vocab.sg_ids.values(), "spacegroup"),
+                      (vocab.orbit_ids.values(), "wyckoff"), (vocab.value_ids, "value_slot"), ([vocab.eos_id], "eos")):
+        table[list(ids)] = names.index(name)
+    return table, names
+
+
+@torch.no_grad()
+def validation_nll(gen: CrystalGenerator, data_dir: str, batch_size: int = 64) -> dict:
+    from wyckoffgpt.data import SequenceDataset, collate
+
+    model, vocab = gen.model, gen.vocab
+    ds = SequenceDataset(data_dir, "val")
+    if ds.meta["vocab_hash"] != vocab.hash:
+        raise SystemExit(f"dataset {data_dir} uses another vocabulary than the model")
+    table, names = _token_classes(vocab)
+    table = torch.from_numpy(table)
+    sums = torch.zeros(9, dtype=torch.float64)
+    class_sum = torch.zeros(len(names), dtype=torch.float64)
+    class_n = torch.zeros(len(names), dtype=torch.float64)
+    for lo in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))], vocab.pad_id)
+        out = model(**{k: v.to(gen.device) for k, v in batch.items()}, compute_loss=True)
+        sums += torch.stack([out.loss_sum, out.token_loss_sum, out.coord_loss_sum, out.length_loss_sum,
+                             out.angle_loss_sum, out.n_tokens, out.n_coord, out.n_length, out.n_angle]).double().cpu()
+        target = batch["input_ids"][:, 1:]
+        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().cpu().transpose(1, 2), target, reduction="none")
+        real = target != vocab.pad_id
+        cls = table[target][real]
+        class_sum += torch.zeros(len(names), dtype=torch.float64).index_add_(0, cls, ce[real].double())
+        class_n += torch.bincount(cls, minlength=len(names)).double()
+    s = sums.tolist()
+    ratio = lambda a, b: a / b if b else None  # noqa: E731  (a split without angles has no angle loss)
+    value = "nll" if model.config.continuous_head == "mixture" else "mse"
+    return {
+        "split": "val", "sequences": len(ds), "value_loss": value,
+        "loss": ratio(s[0], s[5]), "token_ce": ratio(s[1], s[5]),
+        f"coord_{value}": ratio(s[2], s[6]), f"length_{value}": ratio(s[3], s[7]), f"angle_{value}": ratio(s[4], s[8]),
+        "token_ce_by_class": {n: class_sum[k].item() / class_n[k].item() for k, n in enumerate(names) if class_n[k]},
+    }
+
+
+def training_reference(index: FingerprintIndex) -> dict:
+    high = ~index.low_ehull
+    return {
+        "split": "train", "crystals": len(index),
+        "smact": metrics.fraction([metrics.smact_valid(f) for f in index.formulas()]),
+        # How often the proxy fires for known high-e_hull crystals: the proxy's floor.
+        "proto_low_of_high_entries": metrics.fraction([index.prototype(i) in index.low_prototypes
+                                                       for i in np.flatnonzero(high)]),
+    }
+
+
+def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, data_dir: str | None) -> dict:
+    gen = CrystalGenerator.from_pretrained(folder, device=args.device, cpu_threads=1)
+    rows = []
+    for ti, temperature in enumerate(args.temperatures):
+        for ci, ehull in enumerate(args.ehull):
+            t0 = time.perf_counter()
+            results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, temperature=temperature,
+                                   seed=args.seed + 100 * ti + ci, batch_size=args.batch_size, check_unique=False)
+            t_sample = time.perf_counter() - t0
+            row = {"model": name, "temperature": temperature, "ehull": ehull,
+                   **sample_metrics(results, gen, index), "seconds_sample": round(t_sample, 1)}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            print(f"  {name} T={temperature} ehull={ehull}: " + ", ".join(
+                f"{c} {row[c]:.3f}" for c in SAMPLE_COLUMNS if row[c] is not None) + f" ({row['seconds']} s)",
+                file=sys.stderr, flush=True)
+            rows.append(row)
+    nll = validation_nll(gen, data_dir) if data_dir else None
+    return {"name": name, "folder": str(folder), "continuous_head": gen.model.config.continuous_head,
+            "parameters": sum(p.numel() for p in gen.model.parameters()), "samples": rows, "validation": nll}
+
+
+def markdown(report: dict) -> str:
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    num = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+    ref = report["training"]
+    lines = ["| model | T | ehull | seq-valid | dist-valid | SMACT | SG-consistent | unique | novel | proto-low |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        for r in m["samples"]:
+            lines.append(f"| {m['name']} | {r['temperature']} | {r['ehull']} | "
+                         + " | ".join(pct(r[c]) for c in SAMPLE_COLUMNS) + " |")
+    lines.append(f"| training set (train split) | | | | | {pct(ref['smact'])} | | | | "
+                 f"{pct(ref['proto_low_of_high_entries'])} (high-e_hull entries) |")
+    lines += ["", f"Percent; n = {report['n']} samples per row. seq-valid, dist-valid and SMACT are of all samples; "
+              "SG-consistent, unique, novel and proto-low of the distance-valid ones.", ""]
+    val = [m for m in report["models"] if m["validation"]]
+    if val:
+        classes = list(val[0]["validation"]["token_ce_by_class"])
+        lines += ["| model (val split) | head | loss | token CE | coord | length | angle | "
+                  + " | ".join(f"CE {c}" for c in classes) + " |",
+                  "|---" * (7 + len(classes)) + "|"]
+        for m in val:
+            v = m["validation"]
+            k = v["value_loss"]
+            cells = [v["loss"], v["token_ce"], v[f"coord_{k}"], v[f"length_{k}"], v[f"angle_{k}"]]
+            cells += [v["token_ce_by_class"].get(c) for c in classes]
+            lines.append(f"| {m['name']} | {m['continuous_head']} ({k.upper()}) | " + " | ".join(map(num, cells)) + " |")
+        lines += ["", "Nats per target token (token CE) and per value (mixture head: NLL in the modelled variable "
+                  "incl. its Jacobian, so per natural unit); an MSE head reports its squared error instead."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--data", help="tokenized dataset folder: val split for the NLL, train split for an index")
+    p.add_argument("--index", help="fingerprint index file (default: MODEL/fingerprints.npz)")
+    p.add_argument("--n", type=int, default=1000, help="samples per setting")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.3])
+    p.add_argument("--ehull", nargs="+", default=["none", "low", "high"], choices=["none", "low", "high"])
+    p.add_argument("--ablation-model", help="an MSE-head model folder, measured the same way")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", help="torch device for sampling and NLL (default: cuda if available, else cpu)")
+    p.add_argument("--no-nll", action="store_true", help="skip the validation NLL")
+    p.add_argument("--out", help="write the JSON report here too")
+    args = p.parse_args(argv)
+    # pymatgen warns on every formula with a noble gas (no Pauling electronegativity); harmless here.
+    warnings.filterwarnings("ignore", message="No Pauling electronegativity")
+    torch.set_num_threads(1)  # sampling steps are small ops; more threads cost more than they gain on CPU
+    start = time.perf_counter()
+    args.model = str(resolve_model_path(args.model))
+
+    data_dir = args.data
+    if data_dir is None:
+        summary = Path(args.model) / "training_summary.json"
+        if summary.is_file():
+            data_dir = json.loads(summary.read_text()).get("train_config", {}).get("data_dir")
+    if data_dir and not Path(data_dir).is_dir():
+        data_dir = None
+    if data_dir is None and not args.no_nll:
+        print("no dataset (--data): the validation NLL is skipped", file=sys.stderr)
+
+    index_path = Path(args.index) if args.index else Path(args.model) / INDEX_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        if not index_path.is_file():
+            if not data_dir:
+                raise SystemExit(f"no fingerprint index at {index_path}: pass --index or --data")
+            print(f"no index at {index_path}; building one from {data_dir} (train split)", file=sys.stderr)
+            index_path = build_fingerprint_index(data_dir, Path(tmp) / INDEX_FILE)
+        index = FingerprintIndex.load(index_path)
+
+    report = {"command": "python " + shlex.join(sys.argv), "date": datetime.date.today().isoformat(),
+              "n": args.n, "index": {**index.meta, "path": str(index_path) if args.index or index_path.parent == Path(args.model) else f"built from {data_dir}"}, "data": data_dir,
+              "training": training_reference(index), "models": []}
+    nll_data = None if args.no_nll else data_dir
+    report["models"].append(evaluate_model("model", args.model, args, index, nll_data))
+    if args.ablation_model:
+        report["models"].append(evaluate_model("ablation", args.ablation_model, args, index, nll_data))
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
