@@ -61,8 +61,8 @@ def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index
     t2 = time.perf_counter()
     # Canonical re-encoding: the key of the crystal actually produced, in the same canonical form
     # the training keys were built from; the sampled sequence's own key if it cannot be encoded.
-    keys = [metrics.structure_prototype(r.structure, gen.tokenizer) or metrics.prototype_key(gen.tokenizer.parse(r.sequence))
-            for r in valid]
+    keys = [metrics.structure_prototype(r.structure, gen.tokenizer)
+            or metrics.prototype_key(gen.tokenizer.parse(r.sequence)) for r in valid]
     proto = metrics.low_prototype_flags(keys, index)
     out = {
         "n": len(results),
@@ -113,7 +113,8 @@ def validation_nll(gen: CrystalGenerator, data_dir: str, batch_size: int = 64) -
         sums += torch.stack([out.loss_sum, out.token_loss_sum, out.coord_loss_sum, out.length_loss_sum,
                              out.angle_loss_sum, out.n_tokens, out.n_coord, out.n_length, out.n_angle]).double().cpu()
         target = batch["input_ids"][:, 1:]
-        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().cpu().transpose(1, 2), target, reduction="none")
+        logits = out.logits[:, :-1].float().cpu()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
         real = target != vocab.pad_id
         cls = table[target][real]
         class_sum += torch.zeros(len(names), dtype=torch.float64).index_add_(0, cls, ce[real].double())
@@ -186,7 +187,8 @@ def markdown(report: dict) -> str:
             k = v["value_loss"]
             cells = [v["loss"], v["token_ce"], v[f"coord_{k}"], v[f"length_{k}"], v[f"angle_{k}"]]
             cells += [v["token_ce_by_class"].get(c) for c in classes]
-            lines.append(f"| {m['name']} | {m['continuous_head']} ({k.upper()}) | " + " | ".join(map(num, cells)) + " |")
+            head = f"{m['continuous_head']} ({k.upper()})"
+            lines.append(f"| {m['name']} | {head} | " + " | ".join(map(num, cells)) + " |")
         lines += ["", "Nats per target token (token CE) and per value (mixture head: NLL in the modelled variable "
                   "incl. its Jacobian, so per natural unit); an MSE head reports its squared error instead."]
     return "\n".join(lines)
@@ -224,16 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         print("no dataset (--data): the validation NLL is skipped", file=sys.stderr)
 
     index_path = Path(args.index) if args.index else Path(args.model) / INDEX_FILE
+    index_source = str(index_path)
     with tempfile.TemporaryDirectory() as tmp:
         if not index_path.is_file():
             if not data_dir:
                 raise SystemExit(f"no fingerprint index at {index_path}: pass --index or --data")
             print(f"no index at {index_path}; building one from {data_dir} (train split)", file=sys.stderr)
+            index_source = f"built from {data_dir} (train split)"
             index_path = build_fingerprint_index(data_dir, Path(tmp) / INDEX_FILE)
-        index = FingerprintIndex.load(index_path)
+        index = FingerprintIndex.load(index_path)  # read fully into memory: the temp file may go
 
     report = {"command": "python " + shlex.join(sys.argv), "date": datetime.date.today().isoformat(),
-              "n": args.n, "index": {**index.meta, "path": str(index_path) if args.index or index_path.parent == Path(args.model) else f"built from {data_dir}"}, "data": data_dir,
+              "n": args.n, "index": {**index.meta, "path": index_source}, "data": data_dir,
               "training": training_reference(index), "models": []}
     nll_data = None if args.no_nll else data_dir
     report["models"].append(evaluate_model("model", args.model, args, index, nll_data))

@@ -122,7 +122,8 @@ def test_index_needs_material_ids(dataset, tmp_path):
 
 
 def test_stability_proxy_finds_low_ehull_prototypes_only(slice_records, index, tokenizer):
-    train = [(e_above_hull(i, r) < tokenizer.stability_threshold, s) for i, (r, s) in enumerate(slice_records[:N_TRAIN])]
+    train = [(e_above_hull(i, r) < tokenizer.stability_threshold, s)
+             for i, (r, s) in enumerate(slice_records[:N_TRAIN])]
     low = [s for is_low, s in train if is_low]
     high = [s for is_low, s in train if not is_low]
     assert low and high

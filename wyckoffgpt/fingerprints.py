@@ -115,7 +115,8 @@ class FingerprintIndex:
         self.group_offsets = arrays["group_offsets"]
         self.formula_names = [str(f) for f in arrays["formulas"]]
         self.groups = {f: k for k, f in enumerate(self.formula_names)}
-        self.low_prototypes = frozenset(str(p) for p in self.prototype_names[np.unique(self.prototype_of[self.low_ehull])])
+        low_keys = self.prototype_names[np.unique(self.prototype_of[self.low_ehull])]
+        self.low_prototypes = frozenset(str(p) for p in low_keys)
         self._structures: dict[int, Structure] = {}
         self._matcher = None
 
@@ -126,7 +127,8 @@ class FingerprintIndex:
         if path.is_dir():
             path = path / INDEX_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"no fingerprint index at {path} (build one with python -m wyckoffgpt.fingerprints)")
+            raise FileNotFoundError(f"no fingerprint index at {path} "
+                                    "(build one with python -m wyckoffgpt.fingerprints)")
         with np.load(path, allow_pickle=False) as npz:
             return cls({k: npz[k] for k in npz.files}, vocab)
 
