@@ -180,3 +180,30 @@ def test_duplicates_found_by_structure_matching():
     b.translate_sites(list(range(len(b))), [0.1, 0.2, 0.3])
     c = Structure.from_spacegroup(221, Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     assert find_duplicates([a, None, c, b]) == [None, None, None, 0]
+
+
+def _parsed(text: str):
+    from wyckoffgpt import CrystalSequence
+
+    seq = CrystalSequence.from_string(text)
+    return parse(default_vocab(), seq.ids, seq.values)
+
+
+def test_separating_length_is_the_smallest_clash_free_cell_length():
+    from wyckoffgpt.decode import separating_length
+
+    # Rock salt squeezed to a = 2 Å: Na-Cl at a/2 = 1 Å. The clash-free a for 1.2 Å is 2.4 Å exactly.
+    desc = _parsed("<bos> ehull:low n:2 Na Cl sg:225 w22a Na w22b Cl a=2.0 <eos>")
+    floor = separating_length(desc.group, desc.sites, desc.lattice, "a", 1.2)
+    assert floor == pytest.approx(2.4)
+    # Tetragonal: two atoms stacked along c clash; c lifts them apart, and the returned c is minimal.
+    axis = default_vocab().group(99).by_letter["a"].orbit  # (0, 0, z) of P4mm
+    desc = _parsed(f"<bos> ehull:low n:1 Cu sg:99 {axis} Cu z=0.0 {axis} Cu z=0.1 a=3.0 c=3.0 <eos>")
+    c = separating_length(desc.group, desc.sites, desc.lattice, "c", 0.7)
+    stretched = to_structure(desc)
+    assert c == pytest.approx(7.0, rel=1e-3)
+    assert min_distance(Structure(Lattice.tetragonal(3.0, c * 1.0001), stretched.species, stretched.frac_coords)) >= 0.7
+    assert min_distance(Structure(Lattice.tetragonal(3.0, c * 0.99), stretched.species, stretched.frac_coords)) < 0.7
+    # Two atoms on the same c axis line at the same height: no c can separate them.
+    desc = _parsed(f"<bos> ehull:low n:1 Cu sg:99 {axis} Cu z=0.3 {axis} Cu z=0.3 a=3.0 c=3.0 <eos>")
+    assert separating_length(desc.group, desc.sites, desc.lattice, "c", 0.7) is None

@@ -1,19 +1,16 @@
 """wyckoffgpt: generate inorganic crystal structures with a transformer over Wyckoff tokens."""
-from .grammar import DecodeError
-from .symmetry import EncodeError
-from .tokenizer import CrystalSequence, CrystalTokenizer
-
-__all__ = ["CrystalSequence", "CrystalTokenizer", "DecodeError", "EncodeError"]
-
-# Model classes, registered with the transformers Auto classes (exist_ok: re-import must not fail).
 from transformers import AutoConfig, AutoModel
 
 from .configuration_wyckoffgpt import WyckoffGPTConfig
+from .generation import CrystalGenerator
+from .grammar import DecodeError
 from .modeling_wyckoffgpt import WyckoffGPTModel
+from .symmetry import EncodeError
+from .tokenizer import CrystalSequence, CrystalTokenizer
 
+# So that transformers' AutoConfig / AutoModel load our folders (exist_ok: re-import must not fail).
 AutoConfig.register("wyckoffgpt", WyckoffGPTConfig, exist_ok=True)
 AutoModel.register(WyckoffGPTConfig, WyckoffGPTModel, exist_ok=True)
-__all__ += ["WyckoffGPTConfig", "WyckoffGPTModel"]
 
-from .generation import CrystalGenerator  # noqa: E402  (after the model classes it loads)
-__all__ += ["CrystalGenerator"]
+__all__ = ["CrystalGenerator", "CrystalSequence", "CrystalTokenizer", "DecodeError", "EncodeError",
+           "WyckoffGPTConfig", "WyckoffGPTModel"]

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
-from .grammar import DecodeError, WyckoffDescription
+from .grammar import DecodeError, Site, WyckoffDescription
+from .vocab import SpaceGroupTable
 
 MAX_ATOMS = 2000  # a bound for arbitrary input, far above any crystal in the training data
 
@@ -32,13 +33,17 @@ def lattice_from_free(crystal_system: str, free: dict[str, float]) -> Lattice:
 
 def expand_sites(desc: WyckoffDescription) -> tuple[list[str], np.ndarray]:
     """Species and fractional coordinates of every atom in the conventional cell."""
-    n_atoms = sum(s.position.multiplicity for s in desc.sites)
+    return expand_orbits(desc.group, desc.sites)
+
+
+def expand_orbits(group: SpaceGroupTable, sites: list[Site]) -> tuple[list[str], np.ndarray]:
+    n_atoms = sum(s.position.multiplicity for s in sites)
     if n_atoms > MAX_ATOMS:
         raise DecodeError(f"{n_atoms} atoms in the cell, more than the limit of {MAX_ATOMS}")
-    centering = desc.group.centering
+    centering = group.centering
     species: list[str] = []
     blocks = []
-    for site in desc.sites:
+    for site in sites:
         pos = site.position
         v = np.zeros(3)
         v[pos.free_axes] = site.free_values
@@ -46,6 +51,45 @@ def expand_sites(desc: WyckoffDescription) -> tuple[list[str], np.ndarray]:
         blocks.append((orbit[None, :, :] + centering[:, None, :]).reshape(-1, 3))
         species.extend([site.element] * pos.multiplicity)
     return species, np.concatenate(blocks) % 1.0
+
+
+SEPARABLE = {"cubic": "a", "tetragonal": "c", "trigonal": "c", "hexagonal": "c", "orthorhombic": "c"}
+
+
+def separating_length(group: SpaceGroupTable, sites: list[Site], lattice: dict[str, float], name: str,
+                      threshold: float) -> float | None:
+    """The value of the last free lattice length `name` (given in `lattice`, with the others) if no
+    two atoms are closer than `threshold` Å there; otherwise the smallest value at which none are;
+    None when no value can separate them.
+
+    Only for cells where raising that length can only move atoms apart: `a` of a cubic cell (all
+    distances scale with it) and `c` of an orthogonal c axis (tetragonal, trigonal, hexagonal,
+    orthorhombic), where a pair's distance is sqrt(in-plane² + (dz·c)²)."""
+    species, coords = expand_orbits(group, sites)
+    system = group.crystal_system
+
+    def dist(value: float) -> float:
+        cell = lattice_from_free(system, {**lattice, name: value})
+        return min_distance(Structure(cell, species, coords))
+
+    if dist(lattice[name]) >= threshold:
+        return lattice[name]
+
+    if system == "cubic":
+        d1 = dist(1.0)
+        return threshold / d1 if d1 > 0 else None
+    # With c huge only in-plane contacts remain; they do not depend on c.
+    if dist(1e4) < threshold:
+        return None
+    dz = np.abs(coords[:, None, 2] - coords[None, :, 2]) % 1.0
+    dz = np.minimum(dz, 1.0 - dz)
+    dz = dz[dz > 1e-9]
+    # Every pair at a different height is at least dz·c apart: this c certainly separates them all.
+    lo, hi = 0.0, max(threshold / (dz.min() if len(dz) else 1.0), threshold)
+    for _ in range(12):  # bracket to 1/4096 of its width; hi stays on the separating side
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if dist(mid) >= threshold else (mid, hi)
+    return hi
 
 
 def to_structure(desc: WyckoffDescription) -> Structure:

@@ -232,7 +232,7 @@ class CrystalGenerator:
         cond = self.conditions(elements, ehull, spacegroup)
         self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        sampler = Sampler(self.model, temperature=temperature, top_p=top_p)
+        sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance)
         index = 0
         while index < n:
             size = min(batch_size, n - index)

@@ -8,6 +8,15 @@ mixture) and feed only the new token through the model, reusing the cache.
 Cell angles: the value head is free to propose angles that cannot close a triclinic cell. A value
 outside the parser's `value_bounds` is redrawn up to `VALUE_REDRAWS` times and then clamped into
 the bounds, so every finished sequence describes a cell with a clearly positive volume.
+
+Atom clashes: with `min_distance` set, the last lattice length of a cell where that length can only
+move atoms apart (cubic a; c of tetragonal, trigonal, hexagonal and orthorhombic cells) is drawn
+from the model's distribution restricted to values that keep all atoms at least `min_distance`
+apart: redrawn up to `GEOMETRY_REDRAWS` times. When the model puts (almost) no weight there, the
+first value is kept and the structure fails the distance filter: it is not pushed to the edge
+(atoms exactly `min_distance` apart would pass the filter and still be nonsense). Clashes that no
+cell length can undo (atoms on the same point or too close within the ab plane), and those of
+monoclinic and triclinic cells, are left to the distance filter.
 """
 from __future__ import annotations
 
@@ -18,9 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .decode import SEPARABLE, separating_length
 from .grammar import SequenceParser
 
 VALUE_REDRAWS = 4
+GEOMETRY_REDRAWS = 8
 
 
 @dataclass
@@ -73,7 +84,7 @@ class Sampler:
     use_cache=)` returning `logits`, `last_hidden_state`, `past_key_values`, and `model.sample_values`."""
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_p: float | None = None,
-                 use_cache: bool = True):
+                 use_cache: bool = True, min_distance: float | None = None):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
@@ -82,6 +93,7 @@ class Sampler:
         self.temperature = temperature
         self.top_p = top_p
         self.use_cache = use_cache
+        self.min_distance = min_distance
 
     @property
     def device(self) -> torch.device:
@@ -177,4 +189,26 @@ class Sampler:
             val[sel] = self.model.sample_values(hidden[sel], tok[sel], self.temperature, generator).double()
         mid = torch.where(torch.isfinite(hi), (lo + hi) / 2, lo + 1.0)
         val = torch.where(torch.isnan(val), mid, val)
-        return torch.minimum(torch.maximum(val, lo), hi)
+        val = torch.minimum(torch.maximum(val, lo), hi)
+        if self.min_distance:
+            for k, (r, t) in enumerate(zip(rows, tok.tolist())):
+                floor = self._separating_floor(parsers[r], t, float(val[k]))
+                if floor is None:
+                    continue
+                for _ in range(GEOMETRY_REDRAWS):
+                    redraw = float(self.model.sample_values(hidden[k:k + 1], tok[k:k + 1], self.temperature,
+                                                            generator)[0])
+                    if redraw >= floor:
+                        val[k] = redraw
+                        break
+        return val
+
+    def _separating_floor(self, parser: SequenceParser, token_id: int, value: float) -> float | None:
+        """The smallest clash-free value when `value` of this last cell length would let atoms clash;
+        None when it does not, or when the length cannot help (see the module docstring)."""
+        name = parser.vocab.tokens[token_id]
+        group = parser.group
+        if SEPARABLE.get(group.crystal_system) != name or len(parser.lattice) != len(group.lattice_free) - 1:
+            return None
+        floor = separating_length(group, parser.sites, {**parser.lattice, name: value}, name, self.min_distance)
+        return None if floor is None or floor <= value else floor
