@@ -95,18 +95,6 @@ def prepare_out(out: Path) -> None:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so an interrupted run leaves no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def structure_text(structure, fmt: str) -> str:
     if fmt == "cif":
         from pymatgen.io.cif import CifWriter
@@ -140,6 +128,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     import transformers
     from tqdm import tqdm
 
+    from wyckoffgpt.atomic import atomic_write
     from wyckoffgpt.generation import CrystalGenerator, InputError
 
     transformers.logging.set_verbosity_error()
@@ -160,7 +149,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
         s, name = r.structure, ""
         if r.valid:
             name = f"{r.index:05d}_{s.composition.reduced_formula}_sg{r.spacegroup}{FORMATS[args.format]}"
-            write_atomic(out / name, structure_text(s, args.format))
+            atomic_write(out / name, structure_text(s, args.format))
         rows.append({
             "index": r.index, "file": name,
             "formula": s.formula.replace(" ", "") if s is not None else "",
@@ -177,7 +166,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(out / "summary.csv", buf.getvalue())
+    atomic_write(out / "summary.csv", buf.getvalue())
     elapsed = time.perf_counter() - t0
 
     decoded = [r for r in results if r.structure is not None]

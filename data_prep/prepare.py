@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wyckoffgpt.atomic import atomic_write
 from wyckoffgpt.data import write_dataset
 from wyckoffgpt.structure_io import InputError, iter_records, parse_structure
 from wyckoffgpt.symmetry import EncodeError
@@ -105,7 +106,7 @@ def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, w
         "length_median": float(np.median(lengths)),
         "length_histogram": {f"{lo}-{lo + 9}": int(c) for lo, c in zip(edges[:-1], hist) if c},
     }
-    Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(Path(out, "report.json"), json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .atomic import atomic_write
 
 FORMAT = "wyckoffgpt-dataset-v1"
 VOCAB_FIELDS = (
@@ -38,19 +39,6 @@ ARRAYS = ("ids", "values", "offsets")
 
 class DatasetError(ValueError):
     """A dataset folder is missing, empty, malformed or inconsistent."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    # Write next to the target and rename: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_dataset(
@@ -81,10 +69,10 @@ def write_dataset(
             np.concatenate([np.asarray(s[1], dtype=np.float32) for s in seqs]) if seqs else np.zeros(0, np.float32)
         )
         for suffix, arr in (("ids", ids), ("values", values), ("offsets", offsets)):
-            _atomic_write(out / f"{name}.{suffix}.npy", lambda f, a=arr: np.save(f, a))
+            atomic_write(out / f"{name}.{suffix}.npy", lambda f, a=arr: np.save(f, a))
         max_length = max(max_length, int(lengths.max()) if len(lengths) else 0)
     full = {**meta, "format": FORMAT, "max_length": max_length, "splits": {k: len(v) for k, v in splits.items()}}
-    _atomic_write(out / "meta.json", lambda f: f.write(json.dumps(full, indent=2).encode()))
+    atomic_write(out / "meta.json", lambda f: f.write(json.dumps(full, indent=2).encode()))
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:

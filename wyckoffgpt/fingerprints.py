@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Structure
 
-from .data import SequenceDataset, _atomic_write, load_meta
+from .atomic import atomic_write
+from .data import SequenceDataset, load_meta
 from .grammar import DecodeError, parse
 from .metrics import description_composition, prototype_key
 from .tokenizer import CrystalSequence, CrystalTokenizer
@@ -89,7 +90,7 @@ def build_fingerprint_index(dataset_dir: str | os.PathLike, out_path: str | os.P
     np.savez_compressed(buf, **arrays)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda f: f.write(buf.getvalue()))
+    atomic_write(out, lambda f: f.write(buf.getvalue()))
     return out
 
 

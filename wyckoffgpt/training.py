@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .configuration_wyckoffgpt import PRESET_TRAINING, PRESETS, WyckoffGPTConfig
+from .atomic import atomic_write
 from .data import VOCAB_FIELDS, DatasetError, SequenceDataset, collate, load_meta
 from .modeling_wyckoffgpt import WyckoffGPTModel
 
@@ -561,8 +562,8 @@ def _export(acc, model, out: Path, cfg: TrainConfig, meta, config, n_params: int
     unwrapped.save_pretrained(str(out), is_main_process=acc.is_main_process, save_function=acc.save)
     if acc.is_main_process:
         _export_tokenizer(out, meta["vocab_hash"])
-        (out / "README.md").write_text(_model_card(cfg, meta, config, n_params, summary))
-        (out / "training_summary.json").write_text(json.dumps({**summary, "train_config": _jsonable(cfg)}, indent=2))
+        atomic_write(out / "README.md", _model_card(cfg, meta, config, n_params, summary))
+        atomic_write(out / "training_summary.json", json.dumps({**summary, "train_config": _jsonable(cfg)}, indent=2))
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             shutil.rmtree(out / "best", ignore_errors=True)
