@@ -1,0 +1,119 @@
+"""Configuration of the WyckoffGPT model.
+
+Kept free of package imports (only transformers) so that `save_pretrained` can copy this file next to
+the weights and plain transformers can load it with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# Architecture presets. Vocabulary fields are not part of a preset: they come from the dataset.
+# `small` is sized for CPU training: d=256 keeps every matmul big enough to run near the CPU's
+# peak rate while a step on a batch of 32 sequences of ~64 tokens stays well under a second.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_mixture=4, value_basis_size=16, max_position_embeddings=128),
+    "small": dict(n_layer=6, n_head=8, n_embd=256, n_mixture=8, value_basis_size=64, max_position_embeddings=256),
+    "paper": dict(n_layer=12, n_head=16, n_embd=512, n_mixture=8, value_basis_size=128, max_position_embeddings=256),
+}
+
+# Training defaults that go with each preset (batch size in sequences per process and step).
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_size=32, max_lr=1e-3),
+    "small": dict(batch_size=64, max_lr=5e-4),
+    "paper": dict(batch_size=256, max_lr=2e-4),
+}
+
+CONTINUOUS_HEADS = ("mixture", "mse")
+POSITION_EMBEDDINGS = ("sinusoidal", "learned")
+
+
+class WyckoffGPTConfig(PreTrainedConfig):
+    """Hyper-parameters of a WyckoffGPT model plus the vocabulary facts the model depends on.
+
+    Value tokens come in three kinds, told apart by token id: fractional coordinates (`coord_token_ids`,
+    values in [0, 1), periodic), lattice lengths (`length_token_ids`, Å, > 0) and lattice angles
+    (`angle_token_ids`, degrees, in (0, 180)). `vocab_hash` identifies the vocabulary so that a dataset
+    built with another vocabulary is refused instead of silently mis-read.
+    """
+
+    model_type = "wyckoffgpt"
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        coord_token_ids: list[int] | None = None,
+        length_token_ids: list[int] | None = None,
+        angle_token_ids: list[int] | None = None,
+        vocab_hash: str = "",
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_embd: int = 64,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        max_position_embeddings: int = 128,
+        position_embedding: str = "sinusoidal",
+        continuous_head: str = "mixture",
+        n_mixture: int = 4,
+        value_basis_size: int = 16,
+        value_basis_sigma_lin: float | None = None,
+        value_basis_sigma_log: float | None = None,
+        value_log_max: float = 6.0,
+        length_scale: float = 30.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if continuous_head not in CONTINUOUS_HEADS:
+            raise ValueError(f"continuous_head must be one of {CONTINUOUS_HEADS}, got {continuous_head!r}")
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.vocab_size = vocab_size
+        self.coord_token_ids = list(coord_token_ids or [])
+        self.length_token_ids = list(length_token_ids or [])
+        self.angle_token_ids = list(angle_token_ids or [])
+        self.vocab_hash = vocab_hash
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.mlp_ratio = mlp_ratio
+        self.dropout = dropout
+        self.max_position_embeddings = max_position_embeddings
+        self.position_embedding = position_embedding
+        self.continuous_head = continuous_head
+        self.n_mixture = n_mixture
+        # Gaussian value basis (paper IV.B): `value_basis_size` centres on a linear scale over [0, 1]
+        # (values first divided by a per-kind scale) and as many on |log v| over [0, value_log_max].
+        # Default widths equal the centre spacing so neighbouring bumps overlap.
+        self.value_basis_size = value_basis_size
+        self.value_basis_sigma_lin = value_basis_sigma_lin or 1.0 / max(value_basis_size - 1, 1)
+        self.value_basis_sigma_log = value_basis_sigma_log or value_log_max / max(value_basis_size - 1, 1)
+        self.value_log_max = value_log_max
+        self.length_scale = length_scale
+        self.initializer_range = initializer_range
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, **fields: Any) -> "WyckoffGPTConfig":
+        """Config of a named architecture preset; `fields` (vocabulary facts, overrides) win over it."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **fields})
