@@ -31,12 +31,8 @@ def lattice_from_free(crystal_system: str, free: dict[str, float]) -> Lattice:
     return Lattice.from_parameters(a, b, c, alpha, beta, gamma)
 
 
-def expand_sites(desc: WyckoffDescription) -> tuple[list[str], np.ndarray]:
-    """Species and fractional coordinates of every atom in the conventional cell."""
-    return expand_orbits(desc.group, desc.sites)
-
-
 def expand_orbits(group: SpaceGroupTable, sites: list[Site]) -> tuple[list[str], np.ndarray]:
+    """Species and fractional coordinates of every atom in the conventional cell."""
     n_atoms = sum(s.position.multiplicity for s in sites)
     if n_atoms > MAX_ATOMS:
         raise DecodeError(f"{n_atoms} atoms in the cell, more than the limit of {MAX_ATOMS}")
@@ -94,7 +90,7 @@ def separating_length(group: SpaceGroupTable, sites: list[Site], lattice: dict[s
 
 def to_structure(desc: WyckoffDescription) -> Structure:
     lattice = lattice_from_free(desc.group.crystal_system, desc.lattice)
-    species, coords = expand_sites(desc)
+    species, coords = expand_orbits(desc.group, desc.sites)
     return Structure(lattice, species, coords)
 
 

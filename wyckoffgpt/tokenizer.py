@@ -98,8 +98,8 @@ class CrystalTokenizer:
         if unknown:
             raise EncodeError(f"element {unknown[0]} is not in the vocabulary")
         table, sites, lattice = describe_structure(structure, self.vocab, self.symprec)
-        desc = WyckoffDescription(stability, [], table, sites, lattice)
-        desc.elements = sorted({s.element for s in sites}, key=lambda e: self.vocab.element_z[self.vocab.element_ids[e]])
+        elements = sorted({s.element for s in sites}, key=lambda e: self.vocab.element_z[self.vocab.element_ids[e]])
+        desc = WyckoffDescription(stability, elements, table, sites, lattice)
         if len(desc.elements) > self.vocab.max_arity:
             raise EncodeError(f"{len(desc.elements)} elements, more than the vocabulary's {self.vocab.max_arity}")
         return self.from_description(desc)
