@@ -20,7 +20,7 @@ from pathlib import Path
 
 FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "json": ".json"}
 CSV_FIELDS = ["index", "file", "formula", "reduced_formula", "requested_spacegroup", "detected_spacegroup",
-              "num_sites", "density", "min_distance", "flags", "temperature", "sequence"]
+              "num_sites", "density", "min_distance", "flags", "retries", "temperature", "sequence"]
 
 
 class UsageError(Exception):
@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--min-distance", type=float, default=0.7, dest="min_distance",
                    help="minimum interatomic distance in Å (default 0.7)")
+    p.add_argument("--max-retries", type=int, dest="max_retries",
+                   help="how often a sample whose atoms clash goes back to the site where the clash begins "
+                        "and is sampled again from there (default: the library's MAX_RETRIES, 4; 0: raw "
+                        "model samples)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=list(FORMATS), default="cif")
     return p.parse_args(argv)
@@ -61,6 +65,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if not args.min_distance >= 0:
         raise UsageError(f"--min-distance must be >= 0, got {args.min_distance}")
+    if args.max_retries is not None and args.max_retries < 0:
+        raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
     if args.device is not None:
@@ -143,7 +149,8 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None, desc="sampling") as bar:
         results = gen.generate(args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
                                temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                               top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update)
+                               top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update,
+                               **({} if args.max_retries is None else {"max_retries": args.max_retries}))
     rows = []
     for r in results:
         s, name = r.structure, ""
@@ -160,6 +167,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
             "density": f"{s.density:.4f}" if s is not None else "",
             "min_distance": f"{r.min_distance:.4f}" if r.min_distance is not None else "",
             "flags": "|".join(r.flags) + (f": {r.error}" if r.error else ""),
+            "retries": r.retries,
             "temperature": r.temperature, "sequence": str(r.sequence),
         })
     buf = io.StringIO()
@@ -176,6 +184,10 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     print(f"seed {gen.last_seed}, T={args.temperature}, {elapsed:.1f} s")
     print(f"sampled {len(results)}, decoded {len(decoded)}, passed distance filter (>= {args.min_distance} Å) "
           f"{len(valid)}, space-group consistent {len(consistent)}, unique {len(unique)}")
+    retried = [r for r in results if r.retries]
+    if retried:
+        print(f"{len(retried)} samples were sent back to a clashing site and resampled "
+              f"({sum(r.retries for r in retried)} retries; the 'retries' column of summary.csv)")
     print(f"wrote {len(valid)} {args.format} files and summary.csv to {out}")
     return 0
 

@@ -1,11 +1,13 @@
 """Sample quality and validation NLL of a model, for the model card.
 
     python benchmarks/quality.py [--model DIR] [--data DATASET_DIR] [--n 1000] [--temperatures 0.7 1.0 1.3]
-                                 [--ehull none low high] [--ablation-model DIR] [--out report.json]
+                                 [--ehull none low high] [--max-retries 4] [--raw] [--ablation-model DIR]
+                                 [--out report.json]
 
-For each model, temperature and stability condition (`none`: unconditional), n samples are drawn and
-measured. Fractions are of all n samples for the first four columns and of the distance-valid
-samples for the rest:
+For each model, temperature and stability condition (`none`: unconditional), n samples are drawn with
+the generator's default sampler (clash retries up to --max-retries; see wyckoffgpt/sampling.py) and,
+with --raw, again without retries (the model's samples as drawn). Fractions are of all n samples for
+the first three columns and of the distance-valid samples for the rest:
   seq_valid       the sequence decodes to a structure
   dist_valid      decoded, and no two atoms closer than 0.7 Å
   smact           composition passes SMACT (charge neutrality + electronegativity); training-set
@@ -46,6 +48,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from wyckoffgpt import metrics  # noqa: E402
 from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex, build_fingerprint_index  # noqa: E402
 from wyckoffgpt.generation import CrystalGenerator, GeneratedCrystal, resolve_model_path  # noqa: E402
+from wyckoffgpt.sampling import MAX_RETRIES  # noqa: E402
 
 SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique", "novel", "proto_low")
 
@@ -96,6 +99,7 @@ def _token_classes(vocab) -> tuple[np.ndarray, list[str]]:
 
 @torch.no_grad()
 def validation_nll(gen: CrystalGenerator, data_dir: str, batch_size: int = 64) -> dict:
+    from wyckoffgpt.composition import feature_function
     from wyckoffgpt.data import SequenceDataset, collate
 
     model, vocab = gen.model, gen.vocab
@@ -104,11 +108,12 @@ def validation_nll(gen: CrystalGenerator, data_dir: str, batch_size: int = 64) -
         raise SystemExit(f"dataset {data_dir} uses another vocabulary than the model")
     table, names = _token_classes(vocab)
     table = torch.from_numpy(table)
+    features = feature_function(vocab, getattr(model.config, "composition_slots", 0))
     sums = torch.zeros(9, dtype=torch.float64)
     class_sum = torch.zeros(len(names), dtype=torch.float64)
     class_n = torch.zeros(len(names), dtype=torch.float64)
     for lo in range(0, len(ds), batch_size):
-        batch = collate([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))], vocab.pad_id)
+        batch = collate([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))], vocab.pad_id, features)
         out = model(**{k: v.to(gen.device) for k, v in batch.items()}, compute_loss=True)
         sums += torch.stack([out.loss_sum, out.token_loss_sum, out.coord_loss_sum, out.length_loss_sum,
                              out.angle_loss_sum, out.n_tokens, out.n_coord, out.n_length, out.n_angle]).double().cpu()
@@ -144,19 +149,23 @@ def training_reference(index: FingerprintIndex) -> dict:
 def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, data_dir: str | None) -> dict:
     gen = CrystalGenerator.from_pretrained(folder, device=args.device, cpu_threads=1)
     rows = []
-    for ti, temperature in enumerate(args.temperatures):
-        for ci, ehull in enumerate(args.ehull):
-            t0 = time.perf_counter()
-            results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, temperature=temperature,
-                                   seed=args.seed + 100 * ti + ci, batch_size=args.batch_size, check_unique=False)
-            t_sample = time.perf_counter() - t0
-            row = {"model": name, "temperature": temperature, "ehull": ehull,
-                   **sample_metrics(results, gen, index), "seconds_sample": round(t_sample, 1)}
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            print(f"  {name} T={temperature} ehull={ehull}: " + ", ".join(
-                f"{c} {row[c]:.3f}" for c in SAMPLE_COLUMNS if row[c] is not None) + f" ({row['seconds']} s)",
-                file=sys.stderr, flush=True)
-            rows.append(row)
+    # Each setting with the default sampler and, with --raw, again without clash retries (same seed).
+    settings = [(ti, t, ci, e, r) for ti, t in enumerate(args.temperatures) for ci, e in enumerate(args.ehull)
+                for r in [args.max_retries] + ([0] if args.raw and args.max_retries else [])]
+    for ti, temperature, ci, ehull, retries in settings:
+        t0 = time.perf_counter()
+        results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, temperature=temperature,
+                               seed=args.seed + 100 * ti + ci, batch_size=args.batch_size, check_unique=False,
+                               max_retries=retries)
+        t_sample = time.perf_counter() - t0
+        row = {"model": name, "temperature": temperature, "ehull": ehull, "max_retries": retries,
+               **sample_metrics(results, gen, index), "seconds_sample": round(t_sample, 1),
+               "mean_retries": float(np.mean([r.retries for r in results]))}
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"  {name} T={temperature} ehull={ehull} retries<={retries}: " + ", ".join(
+            f"{c} {row[c]:.3f}" for c in SAMPLE_COLUMNS if row[c] is not None) + f" ({row['seconds']} s)",
+            file=sys.stderr, flush=True)
+        rows.append(row)
     nll = validation_nll(gen, data_dir) if data_dir else None
     return {"name": name, "folder": str(folder), "continuous_head": gen.model.config.continuous_head,
             "parameters": sum(p.numel() for p in gen.model.parameters()), "samples": rows, "validation": nll}
@@ -166,16 +175,19 @@ def markdown(report: dict) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     num = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
     ref = report["training"]
-    lines = ["| model | T | ehull | seq-valid | dist-valid | SMACT | SG-consistent | unique | novel | proto-low |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | T | ehull | retries | seq-valid | dist-valid | SMACT | SG-consistent | unique | novel | "
+             "proto-low |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in report["models"]:
         for r in m["samples"]:
-            lines.append(f"| {m['name']} | {r['temperature']} | {r['ehull']} | "
+            retries = f"≤{r['max_retries']} ({r['mean_retries']:.2f})" if r["max_retries"] else "0 (raw)"
+            lines.append(f"| {m['name']} | {r['temperature']} | {r['ehull']} | {retries} | "
                          + " | ".join(pct(r[c]) for c in SAMPLE_COLUMNS) + " |")
-    lines.append(f"| training set (train split) | | | | | {pct(ref['smact'])} | | | | "
+    lines.append(f"| training set (train split) | | | | | | {pct(ref['smact'])} | | | | "
                  f"{pct(ref['proto_low_of_high_entries'])} (high-e_hull entries) |")
     lines += ["", f"Percent; n = {report['n']} samples per row. seq-valid, dist-valid and SMACT are of all samples; "
-              "SG-consistent, unique, novel and proto-low of the distance-valid ones.", ""]
+              "SG-consistent, unique, novel and proto-low of the distance-valid ones. retries: the sampler's "
+              "limit on sending a clashing sample back to the site where the clash begins (mean per sample in "
+              "brackets); 0 (raw): the model's samples as drawn.", ""]
     val = [m for m in report["models"] if m["validation"]]
     if val:
         classes = list(val[0]["validation"]["token_ce_by_class"])
@@ -203,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.3])
     p.add_argument("--ehull", nargs="+", default=["none", "low", "high"], choices=["none", "low", "high"])
     p.add_argument("--ablation-model", help="an MSE-head model folder, measured the same way")
+    p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                   help=f"clash retries of the sampler (default {MAX_RETRIES}, the library default)")
+    p.add_argument("--raw", action="store_true", help="also measure every setting without clash retries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", help="torch device for sampling and NLL (default: cuda if available, else cpu)")

@@ -207,3 +207,56 @@ def test_separating_length_is_the_smallest_clash_free_cell_length():
     # Two atoms on the same c axis line at the same height: no c can separate them.
     desc = _parsed(f"<bos> ehull:low n:1 Cu sg:99 {axis} Cu z=0.3 {axis} Cu z=0.3 a=3.0 c=3.0 <eos>")
     assert separating_length(desc.group, desc.sites, desc.lattice, "c", 0.7) is None
+
+
+def _fed_parser(text: str) -> SequenceParser:
+    from wyckoffgpt import CrystalSequence
+
+    seq = CrystalSequence.from_string(text)
+    parser = SequenceParser(VOCAB)
+    for t, v in zip(seq.ids.tolist(), seq.values.tolist()):
+        parser.feed(t, v)
+    return parser
+
+
+def test_clashing_sample_resumes_at_the_site_that_completes_the_clash():
+    from wyckoffgpt.decode import close_pairs
+    from wyckoffgpt.sampling import resume_point
+
+    axis = VOCAB.group(99).by_letter["a"].orbit  # (0, 0, z) of P4mm
+    # Sites 0 and 2 sit 0.3 Å apart; site 1 is far from both: resample from site 2 (token 11).
+    p = _fed_parser(f"<bos> ehull:low n:1 Cu sg:99 {axis} Cu z=0.0 {axis} Cu z=0.5 {axis} Cu z=0.05 a=3.0 c=6.0 <eos>")
+    assert p.site_starts == [5, 8, 11] and p.lattice_start == 14
+    assert close_pairs(to_structure(p.description()), 0.7).tolist() == [[0, 2]]
+    assert resume_point(p, 0.7) == 11
+    assert resume_point(p, 0.2) is None  # 0.3 Å apart: no clash below that threshold
+    # A cell shorter than the threshold clashes every atom with its own image: only the lattice goes.
+    p = _fed_parser(f"<bos> ehull:low n:1 Cu sg:99 {axis} Cu z=0.0 a=0.5 c=6.0 <eos>")
+    assert resume_point(p, 0.7) == p.lattice_start
+
+
+def test_retries_resample_clashing_rows_and_keep_cache_equal_to_recompute(generator):
+    from wyckoffgpt.sampling import Sampler
+
+    runs = []
+    for use_cache in (True, False):
+        parsers = [SequenceParser(VOCAB, Limits(6, 40)) for _ in range(12)]
+        runs.append(Sampler(generator.model, use_cache=use_cache, min_distance=0.7, max_retries=3).sample(
+            parsers, generator=torch.Generator().manual_seed(5)))
+    # Resampled rows run left-padded in later rounds; with the cache they must match full recomputation.
+    assert runs[0].retries == runs[1].retries and sum(runs[0].retries) > 0
+    for ids_a, ids_b in zip(runs[0].ids, runs[1].ids):
+        assert np.array_equal(ids_a, ids_b)
+    for ids, values, retries in zip(runs[0].ids, runs[0].values, runs[0].retries):
+        structure = to_structure(parse(VOCAB, ids, values))
+        # A row still clashing used up every retry; a row that was retried ended where it did because
+        # its last attempt was clash-free or out of retries.
+        assert min_distance(structure) >= 0.7 or retries == 3
+
+
+def test_retries_raise_the_distance_valid_fraction(generator):
+    raw = generator.generate(48, seed=3, batch_size=16, check_unique=False, max_retries=0)
+    retried = generator.generate(48, seed=3, batch_size=16, check_unique=False, max_retries=4)
+    assert all(r.retries == 0 for r in raw)
+    assert sum(r.valid for r in retried) > sum(r.valid for r in raw)
+    assert all(r.valid or r.retries == 4 for r in retried)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +130,22 @@ class SequenceDataset(Dataset):
 
 
 def collate(
-    batch: list[tuple[torch.Tensor, torch.Tensor]], pad_token_id: int
+    batch: list[tuple[torch.Tensor, torch.Tensor]], pad_token_id: int,
+    features: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence: ids with `pad_token_id`, values with NaN."""
+    """Right-pad to the longest sequence: ids with `pad_token_id`, values with NaN. With `features`
+    (ids -> (T, F) array, e.g. the running composition), also `composition`, zero-padded."""
     t = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), t), pad_token_id, dtype=torch.long)
     input_values = torch.full((len(batch), t), float("nan"), dtype=torch.float32)
     for row, (ids, values) in enumerate(batch):
         input_ids[row, : len(ids)] = ids
         input_values[row, : len(values)] = values
-    return {"input_ids": input_ids, "input_values": input_values}
+    out = {"input_ids": input_ids, "input_values": input_values}
+    if features is not None:
+        rows = [features(ids.numpy()) for ids, _ in batch]
+        composition = torch.zeros((len(batch), t, rows[0].shape[1]), dtype=torch.float32)
+        for row, f in enumerate(rows):
+            composition[row, : len(f)] = torch.from_numpy(f)
+        out["composition"] = composition
+    return out

@@ -109,26 +109,44 @@ def shortest_lattice_vector(lattice: Lattice) -> float:
     return float(np.linalg.norm(coeffs @ basis, axis=1).min())
 
 
-def min_distance(structure: Structure) -> float:
-    """Smallest interatomic distance in Å over all periodic images, an atom's own images included
-    (so a lone atom gives the shortest lattice vector); 0 for two atoms at the same point."""
+def _neighbours(structure: Structure, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centers, points, distances) of all atom pairs within `radius` Å, periodic images included;
+    an atom's own zero-offset copy is left out, distinct atoms on the same point are kept."""
     from pymatgen.optimization.neighbors import find_points_in_spheres
 
-    self_image = shortest_lattice_vector(structure.lattice)
-    if len(structure) == 1:
-        return self_image
     # Cartesian positions are basis-independent: search in the LLL-reduced cell, whose near-orthogonal
     # basis keeps the image search small.
     lll = np.ascontiguousarray(structure.lattice.get_lll_reduced_lattice().matrix, dtype=float)
     cart = np.ascontiguousarray(structure.cart_coords, dtype=float)
-    # Search no farther than the own-image distance: the answer is at most that, and the radius
-    # bounds the neighbour count even for flat or needle-like cells.
-    radius = self_image * (1 + 1e-9) + 1e-9
     centers, points, offsets, dists = find_points_in_spheres(
         cart, cart, r=radius, pbc=np.array([1, 1, 1], dtype=np.int64), lattice=lll, tol=1e-8)
-    # Keep distinct atoms that coincide (distance 0); drop only each atom's zero-offset self.
     keep = (centers != points) | np.any(offsets != 0, axis=1)
-    return float(min(dists[keep].min(initial=self_image), self_image))
+    return centers[keep], points[keep], dists[keep]
+
+
+def min_distance(structure: Structure) -> float:
+    """Smallest interatomic distance in Å over all periodic images, an atom's own images included
+    (so a lone atom gives the shortest lattice vector); 0 for two atoms at the same point."""
+    self_image = shortest_lattice_vector(structure.lattice)
+    if len(structure) == 1:
+        return self_image
+    # Search no farther than the own-image distance: the answer is at most that, and the radius
+    # bounds the neighbour count even for flat or needle-like cells.
+    _, _, dists = _neighbours(structure, self_image * (1 + 1e-9) + 1e-9)
+    return float(min(dists.min(initial=self_image), self_image))
+
+
+def close_pairs(structure: Structure, threshold: float) -> np.ndarray:
+    """(k, 2) sorted index pairs (i <= j) of atoms closer than `threshold` Å, periodic images
+    included; (i, i) means atom i is that close to its own image."""
+    if shortest_lattice_vector(structure.lattice) < threshold:
+        # Every atom clashes with its own image, and a sphere search in such a cell could return an
+        # unbounded number of images.
+        return np.repeat(np.arange(len(structure))[:, None], 2, axis=1)
+    centers, points, dists = _neighbours(structure, threshold)
+    close = dists < threshold
+    pairs = np.sort(np.stack([centers[close], points[close]], axis=1), axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
 
 
 def detected_spacegroup(structure: Structure, symprec: float = DEFAULT_SYMPREC) -> int | None:

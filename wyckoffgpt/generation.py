@@ -21,7 +21,7 @@ from pymatgen.core import Element, Structure
 
 from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure, find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, check_conditions
-from .sampling import Sampler
+from .sampling import MAX_RETRIES, Sampler
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import STABILITY_TOKENS, Vocab, default_vocab
 
@@ -71,6 +71,7 @@ class GeneratedCrystal:
     temperature: float
     flags: list[str] = field(default_factory=list)
     error: str | None = None
+    retries: int = 0  # how often the sampler sent this sequence back to an earlier site (clashes)
 
     @property
     def valid(self) -> bool:
@@ -219,7 +220,8 @@ class CrystalGenerator:
                       spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
                       batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
                       min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
-                      on_finished: Callable[[int], None] | None = None) -> Iterator[GeneratedCrystal]:
+                      on_finished: Callable[[int], None] | None = None,
+                      max_retries: int = MAX_RETRIES) -> Iterator[GeneratedCrystal]:
         """Like `generate`, one result at a time as batches finish, without duplicate marking."""
         if isinstance(n, bool) or int(n) != n or n <= 0:
             raise InputError(f"number of samples must be a positive integer, got {n}")
@@ -229,19 +231,24 @@ class CrystalGenerator:
             raise InputError(f"batch size must be a positive integer, got {batch_size}")
         if top_p is not None and not 0 < top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if isinstance(max_retries, bool) or int(max_retries) != max_retries or max_retries < 0:
+            raise InputError(f"max_retries must be a non-negative integer, got {max_retries}")
         cond = self.conditions(elements, ehull, spacegroup)
         self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance)
+        sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance,
+                          max_retries=int(max_retries))
         index = 0
         while index < n:
             size = min(batch_size, n - index)
             parsers = [SequenceParser(self.vocab, self.limits, cond) for _ in range(size)]
             with _cpu_threads(self.cpu_threads if self.device.type == "cpu" else None):
                 batch = sampler.sample(parsers, generator=generator, on_step=on_finished)
-            for ids, values in zip(batch.ids, batch.values):
-                yield self._result(index, CrystalSequence.from_ids(ids, values, self.vocab), temperature,
-                                   min_distance, symprec)
+            for ids, values, retries in zip(batch.ids, batch.values, batch.retries):
+                result = self._result(index, CrystalSequence.from_ids(ids, values, self.vocab), temperature,
+                                      min_distance, symprec)
+                result.retries = retries
+                yield result
                 index += 1
 
     def generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
@@ -249,12 +256,14 @@ class CrystalGenerator:
                  batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
                  min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
                  check_unique: bool = True, on_finished: Callable[[int], None] | None = None,
-                 ) -> list[GeneratedCrystal]:
+                 max_retries: int = MAX_RETRIES) -> list[GeneratedCrystal]:
         """Sample n crystals. `elements`: exactly this chemical system (each element used);
         `ehull`: "low" | "high" | None (sampled); `spacegroup`: 1-230 or None (sampled).
+        `max_retries`: how often a sequence whose atoms clash (closer than `min_distance`) is sent
+        back to the site where the clash begins and sampled again from there (0: raw model samples).
         The same seed and batch size give the same crystals on the same device and library versions."""
         results = list(self.iter_generate(n, elements, ehull, spacegroup, temperature, seed, batch_size, top_p,
-                                          min_distance, symprec, on_finished))
+                                          min_distance, symprec, on_finished, max_retries))
         if check_unique:
             mark_duplicates(results)
         return results

@@ -205,6 +205,9 @@ class SequenceParser:
         self.elements: list[str] = []
         self.group: SpaceGroupTable | None = None
         self.sites: list[Site] = []
+        # Token positions where each site and the lattice begin: where the sampler can resume from.
+        self.site_starts: list[int] = []
+        self.lattice_start: int | None = None
         self.used_fixed: set[str] = set()
         self.n_atoms = 0
         self.lattice: dict[str, float] = {}
@@ -253,13 +256,14 @@ class SequenceParser:
                 if not pos.repeatable:
                     self.used_fixed.add(tok)
                 self.sites.append(Site(pos, ""))
+                self.site_starts.append(self.n_fed)
                 self.n_atoms += pos.multiplicity
                 self.phase = "site_element"
             elif tok == self.group.lattice_free[0]:
                 self._expect(bool(self.sites), f"{where}: lattice before any Wyckoff site")
                 missing = set(self.elements) - {s.element for s in self.sites}
                 self._expect(not missing, f"{where}: declared elements {sorted(missing)} occupy no site")
-                self.phase = "lattice"
+                self.phase, self.lattice_start = "lattice", self.n_fed
                 self._feed_lattice(tok, value, where)
             elif token_id in v.orbit_ids.values():
                 raise DecodeError(f"{where}: Wyckoff orbit not in space group {self.group.number}")

@@ -14,9 +14,16 @@ move atoms apart (cubic a; c of tetragonal, trigonal, hexagonal and orthorhombic
 from the model's distribution restricted to values that keep all atoms at least `min_distance`
 apart: redrawn up to `GEOMETRY_REDRAWS` times. When the model puts (almost) no weight there, the
 first value is kept and the structure fails the distance filter: it is not pushed to the edge
-(atoms exactly `min_distance` apart would pass the filter and still be nonsense). Clashes that no
-cell length can undo (atoms on the same point or too close within the ab plane), and those of
-monoclinic and triclinic cells, are left to the distance filter.
+(atoms exactly `min_distance` apart would pass the filter and still be nonsense).
+
+Clashes that no cell length can undo (two sites on nearly the same point, most often late in long
+sequences) are resampled: a finished row whose crystal still has atoms closer than `min_distance`
+goes back to the first token of the earliest site that completes a clash (`resume_point`) and is
+sampled again from there, site, later sites and lattice, up to `max_retries` times; then the last
+attempt is kept and the distance filter flags it. This is backtracking, not a filter after the
+fact: the prefix the model chose stays, each retry is a fresh draw from the model given that
+prefix, and `SampledBatch.retries` records how often each row went back (`max_retries=0` gives the
+model's raw samples). Resampled rows run in a later round, left-padded to a common length.
 """
 from __future__ import annotations
 
@@ -27,11 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .decode import SEPARABLE, separating_length
-from .grammar import SequenceParser
+from .composition import feature_size, parser_features, sequence_features
+from .decode import SEPARABLE, close_pairs, separating_length, shortest_lattice_vector, to_structure
+from .grammar import DecodeError, SequenceParser
 
 VALUE_REDRAWS = 4
 GEOMETRY_REDRAWS = 8
+MAX_RETRIES = 4
 
 
 @dataclass
@@ -40,7 +49,8 @@ class SampledBatch:
 
     ids: list[np.ndarray]
     values: list[np.ndarray]
-    n_new_tokens: int  # tokens drawn (not counting forced prompt tokens or padding)
+    n_new_tokens: int  # tokens drawn, resampled ones included (not counting forced prompt tokens or padding)
+    retries: list[int]  # per row: how often it was sent back to an earlier site
 
 
 def forced_prefix(parser: SequenceParser) -> list[int]:
@@ -53,6 +63,25 @@ def forced_prefix(parser: SequenceParser) -> list[int]:
         parser.feed(int(allowed[0]))
         prefix.append(int(allowed[0]))
     return prefix
+
+
+def resume_point(parser: SequenceParser, threshold: float) -> int | None:
+    """Where to sample a finished sequence again when its crystal has atoms closer than `threshold`
+    Å: the first token of the earliest site that completes a clash (everything before it is
+    clash-free; no later token can undo the clash except a much larger cell), or of the lattice when
+    the cell is too small for even one atom; None when nothing clashes."""
+    desc = parser.description()
+    try:
+        structure = to_structure(desc)
+    except DecodeError:
+        return None  # left to the decoder's own error report
+    if shortest_lattice_vector(structure.lattice) < threshold:
+        return parser.lattice_start
+    pairs = close_pairs(structure, threshold)
+    if not len(pairs):
+        return None
+    site_of_atom = np.repeat(np.arange(len(desc.sites)), [s.position.multiplicity for s in desc.sites])
+    return parser.site_starts[int(site_of_atom[pairs].max(axis=1).min())]
 
 
 def draw_tokens(logits: torch.Tensor, allowed: torch.Tensor | None, temperature: float, top_p: float | None,
@@ -84,11 +113,14 @@ class Sampler:
     use_cache=)` returning `logits`, `last_hidden_state`, `past_key_values`, and `model.sample_values`."""
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_p: float | None = None,
-                 use_cache: bool = True, min_distance: float | None = None):
+                 use_cache: bool = True, min_distance: float | None = None, max_retries: int = MAX_RETRIES):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.max_retries = max_retries
         self.model = model
         self.temperature = temperature
         self.top_p = top_p
@@ -106,8 +138,8 @@ class Sampler:
                on_step: Callable[[int], None] | None = None) -> SampledBatch:
         """Sample one sequence per parser (fresh parsers sharing the same conditions), until each has
         its <eos>. With `parsers=None` the grammar is off: `batch_size` rows of exactly
-        `max_new_tokens` unconstrained tokens after `prompt` (used to time the model alone)."""
-        model, dev = self.model, self.device
+        `max_new_tokens` unconstrained tokens after `prompt` (used to time the model alone).
+        `on_step(k)` is called after every step with the number of rows that finished for good."""
         if parsers is not None:
             # The forced prefix is the same for every row: one prompt, no padding.
             prompt = forced_prefix(parsers[0])
@@ -117,25 +149,59 @@ class Sampler:
             batch_size = len(parsers)
         elif not prompt or not batch_size or not max_new_tokens:
             raise ValueError("without parsers, give prompt, batch_size and max_new_tokens")
-        value_ids = model.config.coord_token_ids + model.config.length_token_ids + model.config.angle_token_ids
-        is_value = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=dev)
-        is_value[value_ids] = True
-
-        ids = torch.tensor([prompt] * batch_size, dtype=torch.long, device=dev)
-        # Values stay float64 so that a value clamped to a bound is exactly what the parser checks.
-        vals = torch.full(ids.shape, math.nan, dtype=torch.float64, device=dev)
-        rows = torch.arange(batch_size, device=dev)  # original index of each live row
         out_ids = [list(prompt) for _ in range(batch_size)]
         out_vals: list[list[float]] = [[math.nan] * len(prompt) for _ in range(batch_size)]
-        cache, step_ids, step_vals, n_new = None, ids, vals, 0
-        while len(rows):
+        retries = [0] * batch_size
+        pending, n_new = list(range(batch_size)), 0
+        # Rows sent back to an earlier site (see _resume_point) are sampled again in a later round,
+        # left-padded to a common length.
+        while pending:
+            pending, n = self._round(pending, out_ids, out_vals, parsers, retries, len(prompt), max_new_tokens,
+                                     generator, on_step)
+            n_new += n
+        return SampledBatch([np.array(i, dtype=np.int64) for i in out_ids],
+                            [np.array(v, dtype=np.float64) for v in out_vals], n_new, retries)
+
+    def _round(self, rows: list[int], out_ids: list[list[int]], out_vals: list[list[float]],
+               parsers: list[SequenceParser] | None, retries: list[int], prompt_len: int,
+               max_new_tokens: int | None, generator: torch.Generator | None,
+               on_step: Callable[[int], None] | None) -> tuple[list[int], int]:
+        """Continue `rows` from their current tokens to <eos>; returns the rows to resample and the
+        number of tokens drawn."""
+        model, dev = self.model, self.device
+        config = model.config
+        value_ids = config.coord_token_ids + config.length_token_ids + config.angle_token_ids
+        is_value = torch.zeros(config.vocab_size, dtype=torch.bool, device=dev)
+        is_value[value_ids] = True
+
+        width = max(len(out_ids[r]) for r in rows)
+        pads = [width - len(out_ids[r]) for r in rows]
+        ids = torch.tensor([[config.pad_token_id] * k + out_ids[r] for k, r in zip(pads, rows)], dtype=torch.long,
+                           device=dev)
+        # Values stay float64 so that a value clamped to a bound is exactly what the parser checks.
+        vals = torch.tensor([[math.nan] * k + out_vals[r] for k, r in zip(pads, rows)], dtype=torch.float64,
+                            device=dev)
+        mask = None
+        if any(pads):
+            mask = torch.tensor([[0] * k + [1] * (width - k) for k in pads], dtype=torch.long, device=dev)
+        slots = getattr(config, "composition_slots", 0)
+        comp = None
+        if slots:
+            comp = torch.zeros((len(rows), width, feature_size(slots)), dtype=torch.float32, device=dev)
+            if parsers is not None:
+                for i, (k, r) in enumerate(zip(pads, rows)):
+                    comp[i, k:] = torch.from_numpy(sequence_features(parsers[r].vocab, out_ids[r], slots))
+        live_rows = torch.tensor(rows, device=dev)  # original index of each live row
+        cache, step_ids, step_vals, step_comp, n_new, again = None, ids, vals, comp, 0, []
+        while len(live_rows):
             if self.use_cache:
-                out = model(step_ids, step_vals, past_key_values=cache, use_cache=True)
+                out = model(step_ids, step_vals, attention_mask=mask, past_key_values=cache, use_cache=True,
+                            composition=step_comp)
                 cache = out.past_key_values
             else:
-                out = model(ids, vals)
+                out = model(ids, vals, attention_mask=mask, composition=comp)
             logits, hidden = out.logits[:, -1], out.last_hidden_state[:, -1]
-            live = rows.tolist()
+            live = live_rows.tolist()
             allowed = None
             if parsers is not None:
                 allowed = torch.from_numpy(np.stack([parsers[r].allowed_mask() for r in live])).to(dev)
@@ -147,30 +213,62 @@ class Sampler:
                 val[sel] = self._values(hidden[sel], tok[sel], [live[i] for i in sel.tolist()], parsers, generator)
             n_new += len(live)
             tok_l, val_l = tok.tolist(), val.tolist()
-            finished = []
+            finished, n_final = [], 0
             for i, r in enumerate(live):
                 out_ids[r].append(tok_l[i])
                 out_vals[r].append(val_l[i])
-                if parsers is not None:
-                    parsers[r].feed(tok_l[i], val_l[i])
-                    finished.append(parsers[r].done)
+                if parsers is None:
+                    done = len(out_ids[r]) - prompt_len >= max_new_tokens
                 else:
-                    finished.append(len(out_ids[r]) - len(prompt) >= max_new_tokens)
+                    parsers[r].feed(tok_l[i], val_l[i])
+                    done = parsers[r].done
+                    if done and retries[r] < self.max_retries and self._resample_from(r, out_ids, out_vals, parsers):
+                        retries[r] += 1
+                        again.append(r)
+                        finished.append(True)  # leaves this round, not the sample
+                        continue
+                finished.append(done)
+                n_final += done
             if on_step is not None:
-                on_step(sum(finished))
-            if max_new_tokens is not None and parsers is not None and len(out_ids[live[0]]) - len(prompt) >= max_new_tokens:
-                break
+                on_step(n_final)
             ids, vals = torch.cat([ids, tok[:, None]], 1), torch.cat([vals, val[:, None]], 1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if comp is not None:
+                step_comp = torch.zeros((len(live), 1, comp.shape[2]), dtype=comp.dtype, device=dev)
+                if parsers is not None:
+                    step_comp[:, 0] = torch.from_numpy(np.stack([parser_features(parsers[r], slots) for r in live]))
+                comp = torch.cat([comp, step_comp], 1)
             keep = ~torch.tensor(finished, device=dev)
             if not keep.all():
                 # Finished rows leave the batch (and the cache) instead of being padded along.
                 idx = keep.nonzero().squeeze(1)
-                rows, ids, vals, tok, val = rows[idx], ids[idx], vals[idx], tok[idx], val[idx]
-                if cache is not None and len(rows):
+                live_rows, ids, vals, tok, val = live_rows[idx], ids[idx], vals[idx], tok[idx], val[idx]
+                if mask is not None:
+                    mask = mask[idx]
+                if comp is not None:
+                    comp, step_comp = comp[idx], step_comp[idx]
+                if cache is not None and len(live_rows):
                     cache.batch_select_indices(idx)
             step_ids, step_vals = tok[:, None], val[:, None]
-        return SampledBatch([np.array(i, dtype=np.int64) for i in out_ids],
-                            [np.array(v, dtype=np.float64) for v in out_vals], n_new)
+        return again, n_new
+
+    def _resample_from(self, row: int, out_ids: list[list[int]], out_vals: list[list[float]],
+                       parsers: list[SequenceParser]) -> bool:
+        """If the finished row's crystal has atoms closer than `min_distance`, cut it back to where
+        the clash begins, rewind its parser and return True (see `resume_point`)."""
+        if not self.min_distance:
+            return False
+        parser = parsers[row]
+        cut = resume_point(parser, self.min_distance)
+        if cut is None:
+            return False
+        fresh = SequenceParser(parser.vocab, parser.limits, parser.conditions)
+        del out_ids[row][cut:], out_vals[row][cut:]
+        for t, v in zip(out_ids[row], out_vals[row]):
+            fresh.feed(t, v)
+        parsers[row] = fresh
+        return True
 
     def _values(self, hidden: torch.Tensor, tok: torch.Tensor, rows: list[int],
                 parsers: list[SequenceParser] | None, generator: torch.Generator | None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,10 @@ from tqdm.auto import tqdm
 
 from .configuration_wyckoffgpt import PRESET_TRAINING, PRESETS, WyckoffGPTConfig
 from .atomic import atomic_write
+from .composition import feature_function
 from .data import VOCAB_FIELDS, DatasetError, SequenceDataset, collate, load_meta
 from .modeling_wyckoffgpt import WyckoffGPTModel
+from .vocab import default_vocab
 
 STATE_FILE = "trainer_state.json"
 CSV_COLUMNS = [
@@ -242,14 +245,26 @@ def _sums(out) -> torch.Tensor:
     )
 
 
+def input_features(config: WyckoffGPTConfig, vocab_hash: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The per-token features `collate` must add for this model (None: it reads tokens and values only)."""
+    if not config.composition_slots:
+        return None
+    vocab = default_vocab()
+    if vocab.hash != vocab_hash:
+        raise _fail(f"the running composition needs the vocabulary tables; the installed vocabulary "
+                    f"{vocab.hash!r} is not the dataset's {vocab_hash!r}")
+    return feature_function(vocab, config.composition_slots)
+
+
 @torch.no_grad()
-def evaluate(acc: Accelerator, model, dataset: SequenceDataset, batch_size: int, pad: int) -> dict[str, float]:
+def evaluate(acc: Accelerator, model, dataset: SequenceDataset, batch_size: int, pad: int,
+             features: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
     """Loss parts over a whole split, each process taking every world-th sequence."""
     model.eval()
     sums = torch.zeros(9, device=acc.device)
     mine = np.arange(acc.process_index, len(dataset), acc.num_processes)
     for lo in range(0, len(mine), batch_size):
-        batch = collate([dataset[int(i)] for i in mine[lo : lo + batch_size]], pad)
+        batch = collate([dataset[int(i)] for i in mine[lo : lo + batch_size]], pad, features)
         sums += _sums(model(**_to_device(batch, acc.device), compute_loss=True))
     model.train()
     return _parts(acc.reduce(sums, "sum"))
@@ -338,6 +353,9 @@ def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig 
             config = WyckoffGPTConfig.from_pretrained(cfg.init_from)
         except (OSError, ValueError) as e:
             raise _fail(f"cannot read model config from {cfg.init_from}: {e}") from None
+        # Overrides on top of a trained model: e.g. dropout, or composition_slots, whose new input
+        # layer starts at zero so the model starts out as it was saved.
+        config.update(cfg.model_overrides)
     else:
         return WyckoffGPTConfig.from_preset(cfg.model_preset, **{**vocab, **cfg.model_overrides})
     if config.vocab_hash != meta["vocab_hash"] or config.vocab_size != meta["vocab_size"]:
@@ -371,6 +389,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     max_lr = cfg.max_lr or preset_train["max_lr"]
     config = _model_config(cfg, meta, resume_config)
     pad = config.pad_token_id
+    features = input_features(config, meta["vocab_hash"])
     if meta.get("max_length", 0) > config.max_position_embeddings:
         raise _fail(
             f"dataset sequences reach {meta['max_length']} tokens, more than the model's "
@@ -406,7 +425,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise _fail(f"checkpoint was written with {resume_state['layout']}, this run has {layout}; resume with the same")
 
     if cfg.init_from and resume_state is None:
-        model = WyckoffGPTModel.from_pretrained(cfg.init_from)
+        model = WyckoffGPTModel.from_pretrained(cfg.init_from, config=config)
     else:
         model = WyckoffGPTModel(config)
     n_params = model.num_parameters()
@@ -452,7 +471,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
         micro = [
-            collate([train_set[int(i)] for i in idx], pad)
+            collate([train_set[int(i)] for i in idx], pad, features)
             for idx in batches.step_indices(state["epoch"], state["step_in_epoch"])
         ]
         local_targets = sum(int((b["input_ids"][:, 1:] != pad).sum()) for b in micro)
@@ -489,7 +508,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         stop_early = False
         pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
         if val_set is not None and cfg.eval_every and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps):
-            val = evaluate(acc, model, val_set, cfg.eval_batch_size or 2 * batch_size, pad)
+            val = evaluate(acc, model, val_set, cfg.eval_batch_size or 2 * batch_size, pad, features)
             row.update({f"val_{k}_loss" if k != "loss" else "val_loss": v for k, v in val.items()})
             if state["best_val"] is None or val["loss"] < state["best_val"] - cfg.min_delta:
                 state["best_val"], state["best_val_parts"], state["bad_evals"] = val["loss"], val, 0
