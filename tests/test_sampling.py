@@ -71,6 +71,8 @@ def test_random_walks_never_dead_end_and_always_decode(limits):
                 assert desc.group.number == cond.spacegroup
             if cond.stability:
                 assert desc.stability == cond.stability
+            keys = [(site.position.index, VOCAB.element_z[VOCAB.element_ids[site.element]]) for site in desc.sites]
+            assert keys == sorted(keys)  # canonical site order
             to_structure(desc)  # the cell always exists
 
 
@@ -101,9 +103,32 @@ def test_fixed_positions_at_most_once_and_eos_only_when_complete():
     assert not mask[VOCAB.eos_id]
 
 
+def test_sites_keep_the_canonical_order_of_encoded_crystals(slice_records, tokenizer):
+    # Every encoded crystal is in the order the sampler enforces (Wyckoff letter, then Z).
+    for record, structure in slice_records[:120]:
+        seq = tokenizer.encode(structure, record.e_above_hull)
+        parser = SequenceParser(VOCAB, Limits())
+        for tok, val in zip(seq.ids.tolist(), seq.values.tolist()):
+            parser.feed(tok, val)  # raises if the mask excludes a token
+    # O-Ti-Ba in Pm-3m. After Ti on 1b, no site on 1a (an earlier letter).
+    g = VOCAB.group(221)
+    parser = SequenceParser(VOCAB, Limits(), Conditions(None, ("O", "Ti", "Ba"), 221))
+    for tok in ["<bos>", "ehull:low", "n:3", "O", "Ti", "Ba", "sg:221", g.by_letter["b"].orbit, "Ti"]:
+        parser.feed(VOCAB.token_to_id[tok])
+    assert not parser.allowed_mask()[VOCAB.token_to_id[g.by_letter["a"].orbit]]
+    # Ba on the repeatable 6e, then 6e again: only elements at least as heavy as Ba may follow there
+    # (O, still missing, must go to a later position).
+    for tok in [g.by_letter["e"].orbit, "Ba"]:
+        parser.feed(VOCAB.token_to_id[tok])
+    parser.feed(VOCAB.token_to_id["x"], 0.2)
+    parser.feed(VOCAB.token_to_id[g.by_letter["e"].orbit])
+    mask = parser.allowed_mask()
+    assert mask[VOCAB.token_to_id["Ba"]] and not mask[VOCAB.token_to_id["O"]] and not mask[VOCAB.token_to_id["Ti"]]
+
+
 def test_impossible_conditions_are_refused():
     with pytest.raises(ValueError, match="cannot hold 8 elements"):
-        check_conditions(VOCAB, Conditions(None, ("H", "Li", "Be", "B", "C", "N", "O", "F"), 230))
+        check_conditions(VOCAB, Conditions(None, ("H", "Li", "Be", "B", "C", "N", "O", "F"), 230), Limits(24, 160))
     with pytest.raises(ValueError, match="not in 1-230"):
         check_conditions(VOCAB, Conditions(spacegroup=231))
     with pytest.raises(ValueError, match="increasing atomic number"):

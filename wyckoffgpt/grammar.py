@@ -12,7 +12,12 @@ element must be used by some site before the lattice starts.
 For sampling, a parser also takes `Conditions` (forced stability, elements, space group) and
 `Limits` (sites and atoms per cell); `allowed_mask` then excludes every token after which no
 complete sequence within them exists, and `value_bounds` keeps sampled cell angles where the cell
-exists. `parse` uses neither: it accepts every grammatical sequence.
+exists. It also keeps the sites in canonical order, the order every encoded crystal has: by Wyckoff
+position (ITA letter order), then by atomic number. Without it a model could put a heavy element on
+a position while a lighter declared element was still missing, a state that no training sequence
+continues from: the model, unable to place the missing element "in order", kept adding sites of the
+others (the default model's runaway samples, e.g. 17 Gd sites before the one Si). `parse` uses
+none of this: it accepts every grammatical sequence.
 """
 from __future__ import annotations
 
@@ -49,12 +54,12 @@ class WyckoffDescription:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds a sampled sequence must respect (defaults cover the training data: MP-20 crystals have
-    at most 20 atoms in the primitive cell, so at most 20 Wyckoff sites and 80 atoms in the
-    conventional cell; the defaults leave room above that)."""
+    """Bounds a sampled sequence must respect. The defaults admit every crystal of the training data
+    (data_prep keeps at most 20 Wyckoff sites; MPTS-52 crystals have up to 52 atoms per primitive
+    cell, so up to 208 in a face-centred conventional cell) with room for a few more sites."""
 
     max_sites: int = 24
-    max_atoms: int = 160
+    max_atoms: int = 208
 
     def __post_init__(self) -> None:
         if self.max_sites < 1 or self.max_atoms < 1:
@@ -85,37 +90,39 @@ ANGLE_MARGIN = 1.0
 
 
 class _GroupBudget:
-    """The Wyckoff positions of one group as arrays, and the fewest atoms that j more sites need."""
+    """The Wyckoff positions of one group as arrays, and the fewest atoms that more sites need when
+    they must follow the canonical site order (see `SequenceParser`)."""
 
     def __init__(self, vocab: Vocab, group: SpaceGroupTable):
-        self.orbits = [p.orbit for p in group.positions]
-        self.orbit_ids = np.array([vocab.token_to_id[o] for o in self.orbits], dtype=np.int64)
-        self.mults = np.array([p.multiplicity for p in group.positions], dtype=np.int64)
-        self.fixed = np.array([not p.repeatable for p in group.positions])
-        # Every group has its general position, which has free coordinates, so this is never empty.
-        self.min_free = int(min(p.multiplicity for p in group.positions if p.repeatable))
-        # Only fixed positions smaller than the smallest repeatable one can lower the minimum.
-        self.cheap_fixed = sorted((p.multiplicity, i) for i, p in enumerate(group.positions)
-                                  if not p.repeatable and p.multiplicity < self.min_free)
+        positions = group.positions  # in ITA order: positions[i].index == i
+        self.orbit_ids = np.array([vocab.token_to_id[p.orbit] for p in positions], dtype=np.int64)
+        self.mults = [p.multiplicity for p in positions]
+        self.repeatable = [p.repeatable for p in positions]
+        # After a site on position i (slot i + 1; slot 0: before any site): the multiplicities of the
+        # fixed positions further on, ascending, and the smallest repeatable one further on (0: none).
+        # Every group ends with its general position, which is repeatable.
+        self._later_fixed = [sorted(m for m, r in zip(self.mults[i + 1:], self.repeatable[i + 1:]) if not r)
+                             for i in range(-1, len(positions))]
+        self._later_repeatable = [min((m for m, r in zip(self.mults[i + 1:], self.repeatable[i + 1:]) if r), default=0)
+                                  for i in range(-1, len(positions))]
+        self._cache: dict[tuple[int, int, int], float] = {}
 
-    def cheapest(self, j: int, used: set[str]) -> tuple[list[int], list[int]]:
-        """Multiplicities of the j + 1 cheapest further sites and the fixed-position indices among
-        the first j (fixed ones once, unused only; repeatable ones without limit)."""
-        mults: list[int] = []
-        chosen: list[int] = []
-        for m, i in self.cheap_fixed:
-            if len(mults) > j:
-                break
-            if self.orbits[i] in used:
-                continue
-            if len(mults) < j:
-                chosen.append(i)
-            mults.append(m)
-        mults += [self.min_free] * (j + 1 - len(mults))
-        return mults, chosen
-
-    def min_atoms(self, j: int, used: set[str]) -> int:
-        return sum(self.cheapest(j, used)[0][:j]) if j > 0 else 0
+    def completion_atoms(self, after: int, n_low: int, n_high: int) -> float:
+        """Fewest atoms of n_low + n_high more sites (one per missing element) after a site on
+        position `after` (-1: no site yet): each on a position further on (a fixed one once), except
+        that the n_high elements of higher Z than that site's may also repeat its position when it is
+        repeatable. inf when impossible."""
+        key = (after, n_low, n_high)
+        cost = self._cache.get(key)
+        if cost is None:
+            n = n_low + n_high
+            rep = self._later_repeatable[after + 1]
+            later = sorted(self._later_fixed[after + 1][:n] + [rep] * (n if rep else 0))
+            reuse = [self.mults[after]] * n_high if after >= 0 and self.repeatable[after] else []
+            pool = sorted(later[:n] + reuse)
+            cost = math.inf if len(later) < n_low or len(pool) < n else float(sum(pool[:n]))
+            self._cache[key] = cost
+        return cost
 
 
 class _Rules:
@@ -150,7 +157,7 @@ class _Rules:
     def group_fits(self, number: int, n_elements: int) -> bool:
         """Can group `number` hold n_elements elements, each on its own site, within the limits?"""
         lim = self.limits
-        return n_elements <= lim.max_sites and self.budgets[number].min_atoms(n_elements, set()) <= lim.max_atoms
+        return n_elements <= lim.max_sites and self.budgets[number].completion_atoms(-1, n_elements, 0) <= lim.max_atoms
 
 
 @lru_cache(maxsize=None)
@@ -363,42 +370,64 @@ class SequenceParser:
 
     def _site_mask(self, rules: _Rules) -> np.ndarray:
         lim, b = rules.limits, rules.budgets[self.group.number]
-        missing = len(self.elements) - len(self.used_elements)
+        last, last_z = self._order_key(len(self.sites))
         sites_left = lim.max_sites - len(self.sites) - 1  # after this site
-        atoms_left = lim.max_atoms - self.n_atoms - b.mults  # after this site, per candidate position
-        used = np.array([o in self.used_fixed for o in b.orbits])
-        ok = ~(b.fixed & used) & (atoms_left >= 0) & (sites_left >= 0)
-        # This site can take one missing element; the rest need sites of their own afterwards.
-        j = max(missing - 1, 0)
-        if j:
-            mults, chosen = b.cheapest(j, self.used_fixed)
-            need = np.full(len(b.orbits), sum(mults[:j]))
-            # Taking a fixed position that the cheapest completion relied on moves that completion on.
-            if chosen:
-                need[chosen] = sum(mults) - b.mults[chosen]
-            ok &= (need <= atoms_left) & (j <= sites_left)
         mask = np.zeros(rules.size, dtype=bool)
-        mask[b.orbit_ids[ok]] = True
-        if self.sites and not missing:
+        for i in range(max(last, 0), len(b.mults)):
+            if i == last and not b.repeatable[i]:
+                continue  # a fixed position holds one site
+            atoms_left = lim.max_atoms - self.n_atoms - b.mults[i]
+            if sites_left >= 0 and atoms_left >= 0 and self._completable(b, i, last_z if i == last else -1,
+                                                                         atoms_left, sites_left):
+                mask[b.orbit_ids[i]] = True
+        if self.sites and len(self.used_elements) == len(self.elements):
             mask[self.vocab.token_to_id[self.group.lattice_free[0]]] = True
         return mask
 
     def _element_mask(self, rules: _Rules) -> np.ndarray:
         lim, b = rules.limits, rules.budgets[self.group.number]
-        sites_left = lim.max_sites - len(self.sites)
-        atoms_left = lim.max_atoms - self.n_atoms
-        missing = [e for e in self.elements if e not in self.used_elements]
-
-        def completes(j: int) -> bool:
-            return j <= sites_left and b.min_atoms(j, self.used_fixed) <= atoms_left
-
+        i = self.sites[-1].position.index
+        last, last_z = self._order_key(len(self.sites) - 1)
+        min_z = last_z if i == last else -1
+        atoms_left, sites_left = lim.max_atoms - self.n_atoms, lim.max_sites - len(self.sites)
+        z = self.vocab.element_z
         ids = self.vocab.element_ids
+        missing = [z[ids[e]] for e in self.elements if e not in self.used_elements]
         mask = np.zeros(rules.size, dtype=bool)
-        if missing and completes(len(missing) - 1):  # the site mask guarantees this
-            mask[[ids[e] for e in missing]] = True
-        if completes(len(missing)):
-            mask[[ids[e] for e in self.used_elements]] = True
+        for e in self.elements:
+            ze = z[ids[e]]
+            rest = [m for m in missing if m != ze]
+            if ze >= min_z and len(rest) <= sites_left and b.completion_atoms(
+                    i, sum(m < ze for m in rest), sum(m > ze for m in rest)) <= atoms_left:
+                mask[ids[e]] = True
         return mask
+
+    def _order_key(self, n_sites: int) -> tuple[int, int]:
+        """(position index, Z) of site n_sites - 1, the one the next site must not precede; (-1, -1)
+        before any site."""
+        if not n_sites:
+            return -1, -1
+        site = self.sites[n_sites - 1]
+        return site.position.index, self.vocab.element_z[self.vocab.element_ids[site.element]]
+
+    def _completable(self, b: _GroupBudget, i: int, min_z: int, atoms_left: int, sites_left: int) -> bool:
+        """Can a site on position i take some declared element of Z >= min_z such that the elements
+        still missing after it fit, in canonical order, within the budgets? The best choices are the
+        lightest eligible missing element and the lightest eligible placed one: every other choice
+        leaves more missing elements lighter than the site's, which cannot reuse its position."""
+        z, ids = self.vocab.element_z, self.vocab.element_ids
+        missing = sorted(z[ids[e]] for e in self.elements if e not in self.used_elements)
+        if not missing:
+            return True  # any eligible element; the last site's own element always is
+        placed = sorted(z[ids[e]] for e in self.used_elements)
+        for pool, n_rest in ((missing, len(missing) - 1), (placed, len(missing))):
+            ze = next((v for v in pool if v >= min_z), None)
+            if ze is None or n_rest > sites_left:
+                continue
+            low = sum(m < ze for m in missing)
+            if b.completion_atoms(i, low, n_rest - low) <= atoms_left:
+                return True
+        return False
 
     def value_bounds(self, token_id: int) -> tuple[float, float]:
         """Closed interval the sampler keeps the value of `token_id` (the next token) in. Lengths are
