@@ -104,7 +104,7 @@ BAD_INPUTS = {
     "element not in vocab": (["--elements", "Og"], "not in the model's vocabulary"),
     "sg 0": (["--spacegroup", "0"], "1-230"),
     "sg 231": (["--spacegroup", "231"], "1-230"),
-    "sg impossible for elements": (["--elements", "H", "Li", "Be", "B", "C", "N", "O", "F", "--spacegroup", "230"],
+    "sg impossible for elements": (["--elements", "H", "Li", "Be", "B", "C", "N", "O", "F", "--spacegroup", "228"],
                                    "cannot hold 8 elements"),
     "n zero": (["-n", "0"], "-n must be positive"),
     "n negative": (["-n", "-3"], "-n must be positive"),
