@@ -107,6 +107,15 @@ def test_vocab_contents():
     assert not vocab.group(225).by_letter["a"].repeatable and vocab.group(225).positions[-1].repeatable
 
 
+def test_vocab_element_numbers_match_the_periodic_table():
+    from pymatgen.core.periodic_table import Element
+
+    vocab = default_vocab()
+    assert len(vocab.element_ids) == 103
+    assert all(vocab.element_z[i] == Element(symbol).Z for symbol, i in vocab.element_ids.items())
+    assert vocab.z_symbol[39] == "Y" and "y" not in vocab.element_ids  # yttrium, not the coordinate
+
+
 def test_hf_tokenizer_loads_vocabulary(tokenizer, tmp_path):
     from transformers import AutoTokenizer
 

@@ -196,6 +196,19 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and "does not exist" in lines[0]
 
 
+def test_training_and_model_loading_need_no_structure_libraries():
+    # A GPU box or a training job needs torch and transformers only; pymatgen/spglib come with generation.
+    code = ("import sys, wyckoffgpt, wyckoffgpt.training\n"
+            "from wyckoffgpt.vocab import default_vocab\n"
+            "from wyckoffgpt.composition import feature_function\n"
+            "feature_function(default_vocab(), 8)\n"
+            "print(sorted(m for m in ('pymatgen', 'spglib', 'pyxtal', 'smact') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_epoch_batches_cover_each_sequence_once_and_group_lengths():
     from wyckoffgpt.training import EpochBatches
 

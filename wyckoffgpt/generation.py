@@ -181,7 +181,9 @@ class CrystalGenerator:
         if not (folder / "config.json").is_file():
             raise InputError(f"model folder {folder} has no config.json (is it a model folder written by train.py?)")
         try:
-            model, info = WyckoffGPTModel.from_pretrained(str(folder), output_loading_info=True)
+            # float32 whatever the folder was saved in: sampling on the CPU has no fast half types, and
+            # the value heads need the precision (coordinates to ~1e-4).
+            model, info = WyckoffGPTModel.from_pretrained(str(folder), output_loading_info=True, dtype=torch.float32)
         except Exception as e:  # unreadable JSON, truncated weights, wrong model type, ...
             raise InputError(f"model folder {folder} is corrupt or incomplete: {_first_line(e)}") from None
         if info.get("missing_keys") or info.get("mismatched_keys"):

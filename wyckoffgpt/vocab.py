@@ -93,13 +93,16 @@ class Vocab:
         self.arity_ids = {int(t[2:]): i for t, i in ids.items() if t.startswith("n:")}
         self.sg_ids = {int(t[3:]): i for t, i in ids.items() if t.startswith("sg:")}
         self.orbit_ids = {t: ids[t] for t in self.orbit_tokens}
-        from pymatgen.core.periodic_table import Element
-
-        # Value tokens are lowercase, elements capitalised: "Y" (yttrium) is not "y".
-        symbols = {Element.from_Z(z).symbol: z for z in range(1, 119)}
-        self.element_ids = {t: i for t, i in ids.items() if t in symbols}
-        self.element_z = {i: symbols[t] for t, i in self.element_ids.items()}
-        self.z_symbol = {z: t for t, z in symbols.items() if t in self.element_ids}
+        # vocab/build_vocab.py writes the elements in atomic-number order, from H, right after the
+        # arity tokens; they are the only capitalised tokens ("Y" is yttrium, "y" a coordinate). Reading
+        # Z off that order keeps the periodic table (pymatgen) out of training and model loading.
+        elements = [t for t in self.tokens if t[:1].isupper()]
+        first = ids[elements[0]] if elements else 0
+        if not elements or elements[0] != "H" or [ids[t] for t in elements] != list(range(first, first + len(elements))):
+            raise ValueError(f"{self.folder / 'tokenizer.json'}: element tokens are not one block in atomic-number order")
+        self.element_ids = {t: ids[t] for t in elements}
+        self.element_z = {ids[t]: z for z, t in enumerate(elements, start=1)}
+        self.z_symbol = {z: t for z, t in enumerate(elements, start=1)}
         self.max_arity = max(self.arity_ids)
 
     def __len__(self) -> int:

@@ -71,6 +71,7 @@ class WyckoffGPTConfig(PreTrainedConfig):
         value_log_max: float = 6.0,
         length_scale: float = 30.0,
         initializer_range: float = 0.02,
+        composition_slots: int = 0,
         tie_word_embeddings: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -103,6 +104,11 @@ class WyckoffGPTConfig(PreTrainedConfig):
         self.value_log_max = value_log_max
         self.length_scale = length_scale
         self.initializer_range = initializer_range
+        # > 0: the model also reads the running composition (wyckoffgpt.composition) for this many
+        # element slots, as the `composition` input; 0: tokens and values only (the paper's inputs).
+        if composition_slots < 0:
+            raise ValueError(f"composition_slots must be >= 0, got {composition_slots}")
+        self.composition_slots = composition_slots
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

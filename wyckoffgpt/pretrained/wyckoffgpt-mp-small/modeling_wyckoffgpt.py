@@ -249,6 +249,11 @@ class WyckoffGPTModel(PreTrainedModel):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.value_embedding = ValueEmbedding(config)
+        # Running composition (see wyckoffgpt.composition): fractions and log counts per element slot,
+        # log total atoms, number of sites.
+        self.composition_embedding = (
+            nn.Linear(2 * config.composition_slots + 2, config.n_embd) if config.composition_slots else None
+        )
         self.wpe = (
             nn.Embedding(config.max_position_embeddings, config.n_embd)
             if config.position_embedding == "learned"
@@ -268,6 +273,10 @@ class WyckoffGPTModel(PreTrainedModel):
         if isinstance(module, (CausalSelfAttention, MLP)):
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.out_proj.weight, mean=0.0, std=std)
+        if module is getattr(self, "composition_embedding", None):
+            # Zero: a model given this input on top of trained weights starts out unchanged.
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -332,12 +341,14 @@ class WyckoffGPTModel(PreTrainedModel):
         use_cache: bool = False,
         compute_loss: bool = False,
         position_ids: torch.Tensor | None = None,
+        composition: torch.Tensor | None = None,
         **kwargs,
     ) -> WyckoffGPTOutput:
         """`attention_mask` (B, past + T) marks real tokens with 1 (needed only for left padding or
         padding inside a cached prompt; right padding is harmless under causal attention).
         With `compute_loss`, targets are the next tokens and next values of `input_ids`/`input_values`;
-        pad targets are ignored."""
+        pad targets are ignored. `composition` (B, T, 2 * composition_slots + 2): the running
+        composition after each token, required when `config.composition_slots` > 0."""
         b, t = input_ids.shape
         if input_values is None:
             input_values = torch.full((b, t), float("nan"), device=input_ids.device)
@@ -350,6 +361,11 @@ class WyckoffGPTModel(PreTrainedModel):
         has_value = (kinds != NOT_VALUE) & torch.isfinite(input_values)
         values = torch.where(has_value, input_values.float(), torch.zeros_like(input_values, dtype=torch.float))
         x = self.wte(input_ids) + self.value_embedding(values, kinds) * has_value.unsqueeze(-1)
+        if self.composition_embedding is not None:
+            if composition is None:
+                raise ValueError("this model reads the running composition: pass `composition` "
+                                 "(wyckoffgpt.composition.sequence_features)")
+            x = x + self.composition_embedding(composition.to(x.dtype))
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, t, past_len, input_ids.device)
         if self.wpe is not None:
