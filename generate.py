@@ -20,7 +20,7 @@ from pathlib import Path
 
 FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "json": ".json"}
 CSV_FIELDS = ["index", "file", "formula", "reduced_formula", "requested_spacegroup", "detected_spacegroup",
-              "num_sites", "density", "min_distance", "flags", "retries", "temperature", "sequence"]
+              "num_sites", "density", "min_distance", "charge_balanced", "flags", "retries", "temperature", "sequence"]
 
 
 class UsageError(Exception):
@@ -49,7 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-retries", type=int, dest="max_retries",
                    help="how often a sample whose atoms clash goes back to the site where the clash begins "
                         "and is sampled again from there (default: the library's MAX_RETRIES, 4; 0: raw "
-                        "model samples)")
+                        "model samples); with --charge-balanced, also a sample whose composition fails SMACT, "
+                        "back to the start after the given conditions")
+    p.add_argument("--charge-balanced", action="store_true", dest="charge_balanced",
+                   help="resample (within --max-retries) and leave out crystals whose composition fails "
+                        "SMACT charge neutrality (default: off; the 'charge_balanced' column says which pass)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=list(FORMATS), default="cif")
     return p.parse_args(argv)
@@ -150,6 +154,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
         results = gen.generate(args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
                                temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
                                top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update,
+                               charge_balanced=args.charge_balanced,
                                **({} if args.max_retries is None else {"max_retries": args.max_retries}))
     rows = []
     for r in results:
@@ -166,6 +171,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
             "num_sites": len(s) if s is not None else "",
             "density": f"{s.density:.4f}" if s is not None else "",
             "min_distance": f"{r.min_distance:.4f}" if r.min_distance is not None else "",
+            "charge_balanced": "" if r.charge_balanced is None else str(r.charge_balanced).lower(),
             "flags": "|".join(r.flags) + (f": {r.error}" if r.error else ""),
             "retries": r.retries,
             "temperature": r.temperature, "sequence": str(r.sequence),
@@ -179,16 +185,19 @@ def generate(args: argparse.Namespace, out: Path) -> int:
 
     decoded = [r for r in results if r.structure is not None]
     valid = [r for r in decoded if r.valid]
+    placed = [r for r in decoded if "too_close" not in r.flags]
     consistent = [r for r in valid if "spacegroup_mismatch" not in r.flags]
     unique = [r for r in valid if "duplicate" not in r.flags]
+    balanced = [r for r in placed if r.charge_balanced]
     print(f"seed {gen.last_seed}, T={args.temperature}, {elapsed:.1f} s")
     print(f"sampled {len(results)}, decoded {len(decoded)}, passed distance filter (>= {args.min_distance} Å) "
-          f"{len(valid)}, space-group consistent {len(consistent)}, unique {len(unique)}")
+          f"{len(placed)}, of these charge-balanced (SMACT) {len(balanced)}")
     retried = [r for r in results if r.retries]
     if retried:
-        print(f"{len(retried)} samples were sent back to a clashing site and resampled "
+        print(f"{len(retried)} samples were sent back to an earlier site and resampled "
               f"({sum(r.retries for r in retried)} retries; the 'retries' column of summary.csv)")
-    print(f"wrote {len(valid)} {args.format} files and summary.csv to {out}")
+    print(f"wrote {len(valid)} {args.format} files (space-group consistent {len(consistent)}, unique {len(unique)}"
+          + (", all charge-balanced" if args.charge_balanced else "") + f") and summary.csv to {out}")
     return 0
 
 

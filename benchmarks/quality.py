@@ -1,12 +1,13 @@
 """Sample quality and validation NLL of a model, for the model card.
 
     python benchmarks/quality.py [--model DIR] [--data DATASET_DIR] [--n 1000] [--temperatures 0.7 1.0 1.3]
-                                 [--ehull none low high] [--max-retries 4] [--raw] [--ablation-model DIR]
-                                 [--out report.json]
+                                 [--ehull none low high] [--max-retries 4] [--raw] [--charge-balanced]
+                                 [--ablation-model DIR] [--out report.json]
 
 For each model, temperature and stability condition (`none`: unconditional), n samples are drawn with
 the generator's default sampler (clash retries up to --max-retries; see wyckoffgpt/sampling.py) and,
-with --raw, again without retries (the model's samples as drawn). Fractions are of all n samples for
+with --raw, again without retries (the model's samples as drawn); --charge-balanced samples with the
+generator's charge-balance option (SMACT failures also resampled). Fractions are of all n samples for
 the first three columns and of the distance-valid samples for the rest:
   seq_valid       the sequence decodes to a structure
   dist_valid      decoded, and no two atoms closer than 0.7 Å
@@ -55,7 +56,8 @@ SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique",
 
 def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index: FingerprintIndex) -> dict:
     t0 = time.perf_counter()
-    valid = [r for r in results if r.valid]
+    # Distance-valid: decoded without clashes (with --charge-balanced, `r.valid` would also require SMACT).
+    valid = [r for r in results if r.structure is not None and "too_close" not in r.flags]
     structures = [r.structure for r in valid]
     smact = [r.structure is not None and metrics.smact_valid(r.structure.composition) for r in results]
     unique = metrics.unique_flags(structures)
@@ -71,7 +73,7 @@ def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index
         "n": len(results),
         "n_dist_valid": len(valid),
         "seq_valid": metrics.fraction([r.structure is not None for r in results]),
-        "dist_valid": metrics.fraction([r.valid for r in results]),
+        "dist_valid": len(valid) / len(results),
         "smact": metrics.fraction(smact),
         "sg_consistent": metrics.fraction(["spacegroup_mismatch" not in r.flags for r in valid]),
         "unique": metrics.fraction(unique),
@@ -156,9 +158,10 @@ def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, data_d
         t0 = time.perf_counter()
         results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, temperature=temperature,
                                seed=args.seed + 100 * ti + ci, batch_size=args.batch_size, check_unique=False,
-                               max_retries=retries)
+                               max_retries=retries, charge_balanced=args.charge_balanced and retries > 0)
         t_sample = time.perf_counter() - t0
         row = {"model": name, "temperature": temperature, "ehull": ehull, "max_retries": retries,
+               "charge_balanced": args.charge_balanced and retries > 0,
                **sample_metrics(results, gen, index), "seconds_sample": round(t_sample, 1),
                "mean_retries": float(np.mean([r.retries for r in results]))}
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -180,6 +183,7 @@ def markdown(report: dict) -> str:
     for m in report["models"]:
         for r in m["samples"]:
             retries = f"≤{r['max_retries']} ({r['mean_retries']:.2f})" if r["max_retries"] else "0 (raw)"
+            retries += ", charge-balanced" if r.get("charge_balanced") else ""
             lines.append(f"| {m['name']} | {r['temperature']} | {r['ehull']} | {retries} | "
                          + " | ".join(pct(r[c]) for c in SAMPLE_COLUMNS) + " |")
     lines.append(f"| training set (train split) | | | | | | {pct(ref['smact'])} | | | | "
@@ -187,7 +191,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Percent; n = {report['n']} samples per row. seq-valid, dist-valid and SMACT are of all samples; "
               "SG-consistent, unique, novel and proto-low of the distance-valid ones. retries: the sampler's "
               "limit on sending a clashing sample back to the site where the clash begins (mean per sample in "
-              "brackets); 0 (raw): the model's samples as drawn.", ""]
+              "brackets); 0 (raw): the model's samples as drawn; charge-balanced: samples failing SMACT were "
+              "also drawn again (--charge-balanced).", ""]
     val = [m for m in report["models"] if m["validation"]]
     if val:
         classes = list(val[0]["validation"]["token_ce_by_class"])
@@ -218,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
                    help=f"clash retries of the sampler (default {MAX_RETRIES}, the library default)")
     p.add_argument("--raw", action="store_true", help="also measure every setting without clash retries")
+    p.add_argument("--charge-balanced", action="store_true",
+                   help="sample with the generator's charge_balanced option (SMACT failures are resampled too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", help="torch device for sampling and NLL (default: cuda if available, else cpu)")

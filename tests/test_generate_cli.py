@@ -151,3 +151,19 @@ def test_real_process_exit_code_and_single_line(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["generate.py: error: -n must be positive, got 0"]
+
+
+def test_charge_balanced_flag_writes_only_smact_valid_crystals(model_dir, tmp_path, capsys):
+    from wyckoffgpt.metrics import smact_valid
+
+    out = tmp_path / "run"
+    code, stdout, err = run(["--model", model_dir, "--elements", "Na", "Cl", "O", "-n", 24, "--batch-size", 12,
+                             "--seed", 1, "--charge-balanced", "--out", out], capsys)
+    assert code == 0, err
+    assert "all charge-balanced" in stdout
+    rows = read_summary(out)
+    assert len(rows) == 24 and {r["charge_balanced"] for r in rows} <= {"true", "false"}
+    written = [r for r in rows if r["file"]]
+    assert written and all(r["charge_balanced"] == "true" for r in written)
+    assert all(smact_valid(r["reduced_formula"]) for r in written)
+    assert all("not_charge_balanced" in r["flags"] for r in rows if r["charge_balanced"] == "false")

@@ -285,3 +285,19 @@ def test_retries_raise_the_distance_valid_fraction(generator):
     assert all(r.retries == 0 for r in raw)
     assert sum(r.valid for r in retried) > sum(r.valid for r in raw)
     assert all(r.valid or r.retries == 4 for r in retried)
+
+
+def test_charge_balanced_resamples_sites_and_writes_only_balanced_crystals(generator):
+    from wyckoffgpt.metrics import smact_valid
+
+    # Li-Fe-O from a random model: many compositions are not charge-neutral as first drawn.
+    kwargs = dict(elements=["Li", "Fe", "O"], seed=4, batch_size=16, check_unique=False, max_retries=4)
+    plain = generator.generate(32, **kwargs)
+    balanced = generator.generate(32, charge_balanced=True, **kwargs)
+    assert all(r.charge_balanced == smact_valid(r.structure.composition) for r in plain + balanced)
+    assert not any("not_charge_balanced" in r.flags for r in plain)
+    assert sum(bool(r.charge_balanced) for r in balanced) > sum(bool(r.charge_balanced) for r in plain)
+    for r in balanced:
+        # Written (valid) crystals are charge-balanced; the rest used up their retries and are flagged.
+        assert not r.valid or r.charge_balanced
+        assert r.charge_balanced or ("not_charge_balanced" in r.flags and r.retries == 4)

@@ -24,6 +24,10 @@ attempt is kept and the distance filter flags it. This is backtracking, not a fi
 fact: the prefix the model chose stays, each retry is a fresh draw from the model given that
 prefix, and `SampledBatch.retries` records how often each row went back (`max_retries=0` gives the
 model's raw samples). Resampled rows run in a later round, left-padded to a common length.
+
+Optionally (`accept_sites`, e.g. charge balance) a finished row whose site list fails a test is drawn
+again from the end of the prompt (the forced conditions), within the same retry budget: rejection
+sampling of the model's distribution restricted to accepted crystals.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 
 from .composition import feature_size, parser_features, sequence_features
 from .decode import SEPARABLE, close_pairs, separating_length, shortest_lattice_vector, to_structure
-from .grammar import DecodeError, SequenceParser
+from .grammar import DecodeError, SequenceParser, WyckoffDescription
 
 VALUE_REDRAWS = 4
 GEOMETRY_REDRAWS = 8
@@ -113,7 +117,8 @@ class Sampler:
     use_cache=)` returning `logits`, `last_hidden_state`, `past_key_values`, and `model.sample_values`."""
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_p: float | None = None,
-                 use_cache: bool = True, min_distance: float | None = None, max_retries: int = MAX_RETRIES):
+                 use_cache: bool = True, min_distance: float | None = None, max_retries: int = MAX_RETRIES,
+                 accept_sites: Callable[[WyckoffDescription], bool] | None = None):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
@@ -126,6 +131,9 @@ class Sampler:
         self.top_p = top_p
         self.use_cache = use_cache
         self.min_distance = min_distance
+        # A test of the finished site list (e.g. charge balance): a row that fails it is drawn again
+        # after the prompt, sharing the retry budget with clashes.
+        self.accept_sites = accept_sites
 
     @property
     def device(self) -> torch.device:
@@ -222,7 +230,8 @@ class Sampler:
                 else:
                     parsers[r].feed(tok_l[i], val_l[i])
                     done = parsers[r].done
-                    if done and retries[r] < self.max_retries and self._resample_from(r, out_ids, out_vals, parsers):
+                    if done and retries[r] < self.max_retries and self._resample_from(r, out_ids, out_vals, parsers,
+                                                                                       prompt_len):
                         retries[r] += 1
                         again.append(r)
                         finished.append(True)  # leaves this round, not the sample
@@ -254,13 +263,18 @@ class Sampler:
         return again, n_new
 
     def _resample_from(self, row: int, out_ids: list[list[int]], out_vals: list[list[float]],
-                       parsers: list[SequenceParser]) -> bool:
-        """If the finished row's crystal has atoms closer than `min_distance`, cut it back to where
-        the clash begins, rewind its parser and return True (see `resume_point`)."""
-        if not self.min_distance:
-            return False
+                       parsers: list[SequenceParser], prompt_len: int) -> bool:
+        """If the finished row's sites fail `accept_sites`, cut it back to the end of the prompt (the
+        conditions); else if its crystal has atoms closer than `min_distance`, cut it back to where the
+        clash begins (see `resume_point`). Rewinds the parser and returns True when the row was cut."""
         parser = parsers[row]
-        cut = resume_point(parser, self.min_distance)
+        cut = None
+        if self.accept_sites is not None and not self.accept_sites(parser.description()):
+            # Back to the prompt rather than the first site: the chemistry and space group the model
+            # chose may admit no accepted site list, and a whole new draw is plain rejection sampling.
+            cut = prompt_len
+        elif self.min_distance:
+            cut = resume_point(parser, self.min_distance)
         if cut is None:
             return False
         fresh = SequenceParser(parser.vocab, parser.limits, parser.conditions)
