@@ -35,14 +35,34 @@ def test_features_count_atoms_per_declared_element():
     assert f[9, 16] == pytest.approx(np.log1p(8) / np.log(256)) and f[9, 17] == pytest.approx(2 / 20)
 
 
-def test_sampling_features_equal_training_features(sequences):
+def test_charge_column_says_whether_the_atoms_placed_so_far_are_balanced():
+    from wyckoffgpt.metrics import smact_valid
+
+    a, b_, c = (VOCAB.group(225).by_letter[x].orbit for x in "abc")  # Fm-3m: 4a, 4b, 8c
+    # Site by site: Cl4 alone (an element: SMACT passes it), Na4Cl4, then Na4Cl12, not balanced.
+    seq = CrystalSequence.from_string(f"<bos> ehull:low n:2 Na Cl sg:225 {a} Cl {b_} Na {c} Cl a=5.6 <eos>")
+    f = sequence_features(VOCAB, seq.ids, slots=8, charge=True)
+    assert f.shape == (len(seq), 19)
+    assert np.array_equal(f[:, :18], sequence_features(VOCAB, seq.ids, slots=8))
+    site_ends = [i for i, t in enumerate(seq.tokens) if i > 4 and t in ("Na", "Cl")]
+    expected = [float(smact_valid(x)) for x in ("Cl", "NaCl", "NaCl3")]
+    assert expected[1:] == [1.0, 0.0] and f[site_ends, 18].tolist() == expected
+
+
+@pytest.mark.parametrize("charge", [False, True])
+def test_sampling_features_equal_training_features(sequences, charge):
     for seq in sequences:
         parser = SequenceParser(VOCAB)
         rows = []
         for t, v in zip(seq.ids.tolist(), seq.values.tolist()):
             parser.feed(t, v)
-            rows.append(parser_features(parser, 8))
-        assert np.array_equal(np.stack(rows), sequence_features(VOCAB, seq.ids, 8)), str(seq)
+            rows.append(parser_features(parser, 8, charge))
+        assert np.array_equal(np.stack(rows), sequence_features(VOCAB, seq.ids, 8, charge)), str(seq)
+
+
+def test_charge_feature_needs_the_composition():
+    with pytest.raises(ValueError, match="composition_slots"):
+        WyckoffGPTConfig(charge_feature=True)
 
 
 def test_new_input_starts_at_zero_on_trained_weights(tmp_path, sequences):
@@ -59,17 +79,20 @@ def test_new_input_starts_at_zero_on_trained_weights(tmp_path, sequences):
             reading(batch["input_ids"], batch["input_values"])
 
 
-def test_model_reading_composition_trains_and_samples(tmp_path, sequences):
+@pytest.mark.parametrize("charge", [False, True])
+def test_model_reading_composition_trains_and_samples(tmp_path, sequences, charge):
     rows = [(s.ids, s.values.astype(np.float32)) for s in sequences]
     write_dataset(tmp_path / "data", {"train": rows[:48], "val": rows[48:]}, VOCAB.model_fields())
     save_random_model(tmp_path / "plain")
     out = tmp_path / "model"
     summary = train(TrainConfig(data_dir=str(tmp_path / "data"), out_dir=str(out), init_from=str(tmp_path / "plain"),
-                                model_overrides={"composition_slots": 8}, model_preset="tiny", batch_size=8,
+                                model_overrides={"composition_slots": 8, "charge_feature": charge},
+                                model_preset="tiny", batch_size=8,
                                 max_steps=6, eval_every=3, save_every=0, progress=False))
     assert summary["step"] == 6
     model = WyckoffGPTModel.from_pretrained(out)
     assert model.config.composition_slots == 8 and model.composition_embedding.weight.abs().sum() > 0
+    assert (model.charge_embedding is not None) == charge
 
     torch.set_num_threads(1)
     gen = CrystalGenerator.from_pretrained(out, device="cpu")

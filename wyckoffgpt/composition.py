@@ -26,19 +26,31 @@ _LOG_COUNT_SCALE = math.log(256.0)
 _SITE_SCALE = 20.0
 
 
-def feature_size(slots: int) -> int:
-    """Width of the feature vector for `slots` element slots: fractions, log counts, log total, sites."""
-    return 2 * slots + 2
+def feature_size(slots: int, charge: bool = False) -> int:
+    """Width of the feature vector for `slots` element slots: fractions, log counts, log total, sites,
+    and with `charge` whether the atoms placed so far are charge-balanced."""
+    return 2 * slots + 2 + int(charge)
 
 
-def _row(counts: list[int], n_sites: int, slots: int) -> np.ndarray:
-    out = np.zeros(feature_size(slots), dtype=np.float32)
+@lru_cache(maxsize=None)
+def _charge_balanced(placed: tuple[tuple[str, int], ...]) -> bool:
+    """SMACT validity of the placed atoms ((symbol, count), ...), by reduced stoichiometry."""
+    from .metrics import smact_valid  # pymatgen and smact: only for models that read this feature
+
+    g = math.gcd(*(c for _, c in placed))
+    return smact_valid("".join(f"{el}{c // g}" for el, c in placed))
+
+
+def _row(counts: list[int], n_sites: int, slots: int, symbols: list[str] | None = None) -> np.ndarray:
+    out = np.zeros(feature_size(slots, symbols is not None), dtype=np.float32)
     total = sum(counts)
     for s, c in enumerate(counts[:slots]):
         out[s] = c / total if total else 0.0
         out[slots + s] = math.log1p(c) / _LOG_COUNT_SCALE
     out[2 * slots] = math.log1p(total) / _LOG_COUNT_SCALE
     out[2 * slots + 1] = n_sites / _SITE_SCALE
+    if symbols is not None:
+        out[2 * slots + 2] = float(_charge_balanced(tuple((el, c) for el, c in zip(symbols, counts) if c)))
     return out
 
 
@@ -58,11 +70,11 @@ def _tables(vocab: Vocab) -> _Tables:
     return _Tables(vocab)
 
 
-def sequence_features(vocab: Vocab, ids, slots: int) -> np.ndarray:
-    """(len(ids), feature_size(slots)) float32: row t describes the composition after token t.
-    Padding and tokens before the first site give zero fractions and counts."""
+def sequence_features(vocab: Vocab, ids, slots: int, charge: bool = False) -> np.ndarray:
+    """(len(ids), feature_size(slots, charge)) float32: row t describes the composition after token t.
+    Padding and tokens before the first site give zeros."""
     tables = _tables(vocab)
-    out = np.zeros((len(ids), feature_size(slots)), dtype=np.float32)
+    out = np.zeros((len(ids), feature_size(slots, charge)), dtype=np.float32)
     declared: list[int] = []
     counts: list[int] = []
     group, pending, n_sites = None, 0, 0
@@ -78,19 +90,20 @@ def sequence_features(vocab: Vocab, ids, slots: int) -> np.ndarray:
             group = tables.sg_number[tok]
         pending = tables.multiplicity.get((group, tok), 0) if tok in tables.orbit_ids else 0
         if n_sites:
-            out[t] = _row(counts, n_sites, slots)
+            symbols = [vocab.z_symbol[vocab.element_z[d]] for d in declared] if charge else None
+            out[t] = _row(counts, n_sites, slots, symbols)
     return out
 
 
-def feature_function(vocab: Vocab, slots: int) -> Callable[[np.ndarray], np.ndarray] | None:
+def feature_function(vocab: Vocab, slots: int, charge: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
     """ids -> features, for `data.collate`; None when the model reads no composition (slots == 0)."""
-    return functools.partial(sequence_features, vocab, slots=slots) if slots else None
+    return functools.partial(sequence_features, vocab, slots=slots, charge=charge) if slots else None
 
 
-def parser_features(parser: SequenceParser, slots: int) -> np.ndarray:
+def parser_features(parser: SequenceParser, slots: int, charge: bool = False) -> np.ndarray:
     """The row of `sequence_features` for the last token the parser was fed."""
     placed = [s for s in parser.sites if s.element]
     if not placed:
-        return np.zeros(feature_size(slots), dtype=np.float32)
+        return np.zeros(feature_size(slots, charge), dtype=np.float32)
     counts = [sum(s.position.multiplicity for s in placed if s.element == e) for e in parser.elements]
-    return _row(counts, len(placed), slots)
+    return _row(counts, len(placed), slots, list(parser.elements) if charge else None)

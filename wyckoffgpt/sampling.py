@@ -193,12 +193,13 @@ class Sampler:
         if any(pads):
             mask = torch.tensor([[0] * k + [1] * (width - k) for k in pads], dtype=torch.long, device=dev)
         slots = getattr(config, "composition_slots", 0)
+        charge = getattr(config, "charge_feature", False)
         comp = None
         if slots:
-            comp = torch.zeros((len(rows), width, feature_size(slots)), dtype=torch.float32, device=dev)
+            comp = torch.zeros((len(rows), width, feature_size(slots, charge)), dtype=torch.float32, device=dev)
             if parsers is not None:
                 for i, (k, r) in enumerate(zip(pads, rows)):
-                    comp[i, k:] = torch.from_numpy(sequence_features(parsers[r].vocab, out_ids[r], slots))
+                    comp[i, k:] = torch.from_numpy(sequence_features(parsers[r].vocab, out_ids[r], slots, charge))
         live_rows = torch.tensor(rows, device=dev)  # original index of each live row
         cache, step_ids, step_vals, step_comp, n_new, again = None, ids, vals, comp, 0, []
         while len(live_rows):
@@ -246,7 +247,7 @@ class Sampler:
             if comp is not None:
                 step_comp = torch.zeros((len(live), 1, comp.shape[2]), dtype=comp.dtype, device=dev)
                 if parsers is not None:
-                    step_comp[:, 0] = torch.from_numpy(np.stack([parser_features(parsers[r], slots) for r in live]))
+                    step_comp[:, 0] = torch.from_numpy(np.stack([parser_features(parsers[r], slots, charge) for r in live]))
                 comp = torch.cat([comp, step_comp], 1)
             keep = ~torch.tensor(finished, device=dev)
             if not keep.all():

@@ -253,7 +253,7 @@ def input_features(config: WyckoffGPTConfig, vocab_hash: str) -> Callable[[np.nd
     if vocab.hash != vocab_hash:
         raise _fail(f"the running composition needs the vocabulary tables; the installed vocabulary "
                     f"{vocab.hash!r} is not the dataset's {vocab_hash!r}")
-    compute = feature_function(vocab, config.composition_slots)
+    compute = feature_function(vocab, config.composition_slots, getattr(config, "charge_feature", False))
     # The features are a pure function of the ids and every sequence comes back each epoch: computing
     # them in Python takes ~30 ms per batch of 256, several times a GPU step, so each is computed once.
     memo: dict[bytes, np.ndarray] = {}
