@@ -301,3 +301,13 @@ def test_charge_balanced_resamples_sites_and_writes_only_balanced_crystals(gener
         # Written (valid) crystals are charge-balanced; the rest used up their retries and are flagged.
         assert not r.valid or r.charge_balanced
         assert r.charge_balanced or ("not_charge_balanced" in r.flags and r.retries == 4)
+
+
+def test_model_saved_in_half_precision_samples_in_float32(tmp_path):
+    from wyckoffgpt import CrystalGenerator, WyckoffGPTModel
+
+    folder = save_random_model(tmp_path / "model")
+    WyckoffGPTModel.from_pretrained(folder).half().save_pretrained(folder)  # e.g. shrunk after GPU training
+    gen = CrystalGenerator.from_pretrained(folder, device="cpu")
+    assert {p.dtype for p in gen.model.parameters()} == {torch.float32}
+    assert all(r.structure is not None for r in gen.generate(8, seed=0, batch_size=8, check_unique=False))

@@ -75,7 +75,7 @@ class GeneratedCrystal:
     temperature: float
     flags: list[str] = field(default_factory=list)
     error: str | None = None
-    retries: int = 0  # how often the sampler sent this sequence back to an earlier site (clashes)
+    retries: int = 0  # how often the sampler sent this sequence back (clashes; charge balance when asked)
     charge_balanced: bool | None = None
 
     @property
