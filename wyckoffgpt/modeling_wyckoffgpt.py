@@ -275,8 +275,7 @@ class WyckoffGPTModel(PreTrainedModel):
         if isinstance(module, (CausalSelfAttention, MLP)):
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.out_proj.weight, mean=0.0, std=std)
-        if module is not None and module in (getattr(self, "composition_embedding", None),
-                                             getattr(self, "charge_embedding", None)):
+        if any(module is m for m in (getattr(self, "composition_embedding", None), getattr(self, "charge_embedding", None))):
             # Zero: a model given this input on top of trained weights starts out unchanged.
             init.zeros_(module.weight)
             init.zeros_(module.bias)
