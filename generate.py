@@ -185,7 +185,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
 
     decoded = [r for r in results if r.structure is not None]
     valid = [r for r in decoded if r.valid]
-    placed = [r for r in decoded if "too_close" not in r.flags]
+    placed = [r for r in decoded if r.distance_valid]
     consistent = [r for r in valid if "spacegroup_mismatch" not in r.flags]
     unique = [r for r in valid if "duplicate" not in r.flags]
     balanced = [r for r in placed if r.charge_balanced]

@@ -56,8 +56,7 @@ SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique",
 
 def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index: FingerprintIndex) -> dict:
     t0 = time.perf_counter()
-    # Distance-valid: decoded without clashes (with --charge-balanced, `r.valid` would also require SMACT).
-    valid = [r for r in results if r.structure is not None and "too_close" not in r.flags]
+    valid = [r for r in results if r.distance_valid]  # `r.valid` also requires SMACT with --charge-balanced
     structures = [r.structure for r in valid]
     smact = [r.structure is not None and metrics.smact_valid(r.structure.composition) for r in results]
     unique = metrics.unique_flags(structures)

@@ -34,11 +34,10 @@ def feature_size(slots: int, charge: bool = False) -> int:
 
 @lru_cache(maxsize=None)
 def _charge_balanced(placed: tuple[tuple[str, int], ...]) -> bool:
-    """SMACT validity of the placed atoms ((symbol, count), ...), by reduced stoichiometry."""
+    """SMACT validity of the placed atoms ((symbol, count), ...)."""
     from .metrics import smact_valid  # pymatgen and smact: only for models that read this feature
 
-    g = math.gcd(*(c for _, c in placed))
-    return smact_valid("".join(f"{el}{c // g}" for el, c in placed))
+    return smact_valid("".join(f"{el}{c}" for el, c in placed))  # it reduces the formula itself
 
 
 def _row(counts: list[int], n_sites: int, slots: int, symbols: list[str] | None = None) -> np.ndarray:
@@ -76,6 +75,7 @@ def sequence_features(vocab: Vocab, ids, slots: int, charge: bool = False) -> np
     tables = _tables(vocab)
     out = np.zeros((len(ids), feature_size(slots, charge)), dtype=np.float32)
     declared: list[int] = []
+    symbols: list[str] | None = [] if charge else None
     counts: list[int] = []
     group, pending, n_sites = None, 0, 0
     for t, tok in enumerate(np.asarray(ids).tolist()):
@@ -83,6 +83,8 @@ def sequence_features(vocab: Vocab, ids, slots: int, charge: bool = False) -> np
             if group is None:
                 declared.append(tok)
                 counts.append(0)
+                if symbols is not None:
+                    symbols.append(vocab.z_symbol[vocab.element_z[tok]])
             elif pending:
                 counts[declared.index(tok)] += pending
                 n_sites += 1
@@ -90,7 +92,6 @@ def sequence_features(vocab: Vocab, ids, slots: int, charge: bool = False) -> np
             group = tables.sg_number[tok]
         pending = tables.multiplicity.get((group, tok), 0) if tok in tables.orbit_ids else 0
         if n_sites:
-            symbols = [vocab.z_symbol[vocab.element_z[d]] for d in declared] if charge else None
             out[t] = _row(counts, n_sites, slots, symbols)
     return out
 

@@ -79,9 +79,14 @@ class GeneratedCrystal:
     charge_balanced: bool | None = None
 
     @property
+    def distance_valid(self) -> bool:
+        """Decoded, and no two atoms closer than the distance threshold."""
+        return self.structure is not None and "too_close" not in self.flags
+
+    @property
     def valid(self) -> bool:
         """Decoded and passed the filters asked for: the structures worth writing."""
-        return self.structure is not None and not {"too_close", "not_charge_balanced"} & set(self.flags)
+        return self.distance_valid and "not_charge_balanced" not in self.flags
 
 
 def _first_line(exc: BaseException) -> str:
