@@ -226,3 +226,29 @@ def test_epoch_batches_cover_each_sequence_once_and_group_lengths():
     padded_plain = sum(lengths[b].max() * len(b) for step in shuffled.epoch(0) for b in step)
     assert padded < 0.7 * padded_plain
     assert not np.array_equal(eb.epoch(0), eb.epoch(1))  # reshuffled every epoch
+
+
+def test_short_and_long_crystals_weigh_the_same_per_token(tmp_path):
+    """Half the sequences are short and start with token 3, half are long and start with 4. Training
+    groups sequences of similar length into a step; if each step were averaged over its own tokens,
+    a short sequence's tokens would weigh more and the model would learn to start with 3 more often
+    than the data do."""
+    from synthetic_data import ANGLES, COORDS, LENGTHS
+
+    from wyckoffgpt import WyckoffGPTModel
+
+    def sequence(long: bool, rng) -> tuple[np.ndarray, np.ndarray]:
+        ids = [BOS, 4 if long else 3, 20, 40] + ([50 + 2, COORDS[0], COORDS[1]] * 6 if long else [50])
+        ids += LENGTHS + ANGLES + [EOS]
+        vals = [np.nan if t not in COORDS + LENGTHS + ANGLES else 0.3 + 0.01 * rng.normal() for t in ids]
+        return np.array(ids, dtype=np.int64), np.array(vals, dtype=np.float32)
+
+    rng = np.random.default_rng(0)
+    train_seqs = [sequence(i % 2 == 1, rng) for i in range(256)]
+    data = tmp_path / "data"
+    write_dataset(data, {"train": train_seqs, "val": train_seqs[:16]}, VOCAB)
+    train(quick(data, tmp_path / "run", batch_size=32, max_steps=120, eval_every=0, log_every=40, max_lr=3e-3))
+    model = WyckoffGPTModel.from_pretrained(tmp_path / "run")
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([[BOS]])).logits[0, -1], -1)
+    assert float(p[3] / (p[3] + p[4])) == pytest.approx(0.5, abs=0.05)
