@@ -49,11 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-retries", type=int, dest="max_retries",
                    help="how often a sample whose atoms clash goes back to the site where the clash begins "
                         "and is sampled again from there (default: the library's MAX_RETRIES, 4; 0: raw "
-                        "model samples); with --charge-balanced, also a sample whose composition fails SMACT, "
-                        "back to the start after the given conditions")
-    p.add_argument("--charge-balanced", action="store_true", dest="charge_balanced",
-                   help="resample (within --max-retries) and leave out crystals whose composition fails "
-                        "SMACT charge neutrality (default: off; the 'charge_balanced' column says which pass)")
+                        "model samples); also a sample whose composition fails --charge-check, back to the "
+                        "start after the given conditions")
+    p.add_argument("--charge-check", choices=["ionic", "smact", "off"], default="ionic", dest="charge_check",
+                   help="compositions resampled (within --max-retries) and left out when they fail it: 'ionic' "
+                        "(default): oxides, nitrides, chalcogenides and halides need a charge-neutral set of "
+                        "oxidation states, intermetallics are left as drawn; 'smact': every composition must "
+                        "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=list(FORMATS), default="cif")
     return p.parse_args(argv)
@@ -154,7 +156,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
         results = gen.generate(args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
                                temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
                                top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update,
-                               charge_balanced=args.charge_balanced,
+                               charge_check=args.charge_check,
                                **({} if args.max_retries is None else {"max_retries": args.max_retries}))
     rows = []
     for r in results:
@@ -192,12 +194,16 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     print(f"seed {gen.last_seed}, T={args.temperature}, {elapsed:.1f} s")
     print(f"sampled {len(results)}, decoded {len(decoded)}, passed distance filter (>= {args.min_distance} Å) "
           f"{len(placed)}, of these charge-balanced (SMACT) {len(balanced)}")
+    unbalanced = [r for r in placed if "not_charge_balanced" in r.flags]
+    if unbalanced:
+        print(f"{len(unbalanced)} failed the charge check ({args.charge_check}) after their retries and were not "
+              f"written (flag not_charge_balanced; --charge-check off keeps them)")
     retried = [r for r in results if r.retries]
     if retried:
         print(f"{len(retried)} samples were sent back to an earlier site and resampled "
               f"({sum(r.retries for r in retried)} retries; the 'retries' column of summary.csv)")
     print(f"wrote {len(valid)} {args.format} files (space-group consistent {len(consistent)}, unique {len(unique)}"
-          + (", all charge-balanced" if args.charge_balanced else "") + f") and summary.csv to {out}")
+          + f", charge check {args.charge_check}) and summary.csv to {out}")
     return 0
 
 

@@ -1,13 +1,14 @@
 """Sample quality and validation NLL of a model, for the model card.
 
     python benchmarks/quality.py [--model DIR] [--data DATASET_DIR] [--n 1000] [--temperatures 0.7 1.0 1.3]
-                                 [--ehull none low high] [--max-retries 4] [--raw] [--charge-balanced]
+                                 [--ehull none low high] [--max-retries 4] [--raw] [--charge-check ionic]
                                  [--ablation-model DIR] [--out report.json]
 
 For each model, temperature and stability condition (`none`: unconditional), n samples are drawn with
 the generator's default sampler (clash retries up to --max-retries; see wyckoffgpt/sampling.py) and,
-with --raw, again without retries (the model's samples as drawn); --charge-balanced samples with the
-generator's charge-balance option (SMACT failures also resampled). Fractions are of all n samples for
+with --raw, again without retries and without the charge check (the model's samples as drawn). The
+sampler's charge check (`--charge-check`, default the generator's "ionic"; see
+wyckoffgpt.metrics.CHARGE_CHECKS) sends compositions that fail it back too. Fractions are of all n samples for
 the first three columns and of the distance-valid samples for the rest:
   seq_valid       the sequence decodes to a structure
   dist_valid      decoded, and no two atoms closer than 0.7 Å
@@ -49,6 +50,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from wyckoffgpt import metrics  # noqa: E402
 from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex, build_fingerprint_index  # noqa: E402
 from wyckoffgpt.generation import CrystalGenerator, GeneratedCrystal, resolve_model_path  # noqa: E402
+from wyckoffgpt.metrics import CHARGE_CHECKS  # noqa: E402
 from wyckoffgpt.sampling import MAX_RETRIES  # noqa: E402
 
 SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique", "novel", "proto_low")
@@ -56,7 +58,7 @@ SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique",
 
 def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index: FingerprintIndex) -> dict:
     t0 = time.perf_counter()
-    valid = [r for r in results if r.distance_valid]  # `r.valid` also requires SMACT with --charge-balanced
+    valid = [r for r in results if r.distance_valid]  # `r.valid` also requires the charge check
     structures = [r.structure for r in valid]
     smact = [r.structure is not None and metrics.smact_valid(r.structure.composition) for r in results]
     unique = metrics.unique_flags(structures)
@@ -141,6 +143,8 @@ def training_reference(index: FingerprintIndex) -> dict:
     return {
         "split": "train", "crystals": len(index),
         "smact": metrics.fraction([metrics.smact_valid(f) for f in index.formulas()]),
+        # What the default charge check would turn away among real crystals.
+        "ionic_check": metrics.fraction([metrics.passes_charge_check(f, "ionic") for f in index.formulas()]),
         # How often the proxy fires for known high-e_hull crystals: the proxy's floor.
         "proto_low_of_high_entries": metrics.fraction([index.prototype(i) in index.low_prototypes
                                                        for i in np.flatnonzero(high)]),
@@ -157,10 +161,10 @@ def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, data_d
         t0 = time.perf_counter()
         results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, temperature=temperature,
                                seed=args.seed + 100 * ti + ci, batch_size=args.batch_size, check_unique=False,
-                               max_retries=retries, charge_balanced=args.charge_balanced and retries > 0)
+                               max_retries=retries, charge_check=args.charge_check if retries else "off")
         t_sample = time.perf_counter() - t0
         row = {"model": name, "temperature": temperature, "ehull": ehull, "max_retries": retries,
-               "charge_balanced": args.charge_balanced and retries > 0,
+               "charge_check": args.charge_check if retries else "off",
                **sample_metrics(results, gen, index), "seconds_sample": round(t_sample, 1),
                "mean_retries": float(np.mean([r.retries for r in results]))}
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -182,16 +186,17 @@ def markdown(report: dict) -> str:
     for m in report["models"]:
         for r in m["samples"]:
             retries = f"≤{r['max_retries']} ({r['mean_retries']:.2f})" if r["max_retries"] else "0 (raw)"
-            retries += ", charge-balanced" if r.get("charge_balanced") else ""
+            retries += f", {r['charge_check']}" if r.get("charge_check", "off") != "off" else ""
             lines.append(f"| {m['name']} | {r['temperature']} | {r['ehull']} | {retries} | "
                          + " | ".join(pct(r[c]) for c in SAMPLE_COLUMNS) + " |")
     lines.append(f"| training set (train split) | | | | | | {pct(ref['smact'])} | | | | "
                  f"{pct(ref['proto_low_of_high_entries'])} (high-e_hull entries) |")
     lines += ["", f"Percent; n = {report['n']} samples per row. seq-valid, dist-valid and SMACT are of all samples; "
               "SG-consistent, unique, novel and proto-low of the distance-valid ones. retries: the sampler's "
-              "limit on sending a clashing sample back to the site where the clash begins (mean per sample in "
-              "brackets); 0 (raw): the model's samples as drawn; charge-balanced: samples failing SMACT were "
-              "also drawn again (--charge-balanced).", ""]
+              "limit on sending a clashing sample back to the site where the clash begins, or a sample whose "
+              "composition fails the charge check (named after it) back to the start (mean per sample in "
+              f"brackets); 0 (raw): the model's samples as drawn, no retries and no charge check. "
+              f"{pct(ref.get('ionic_check'))} % of the training crystals pass the ionic charge check.", ""]
     val = [m for m in report["models"] if m["validation"]]
     if val:
         classes = list(val[0]["validation"]["token_ce_by_class"])
@@ -222,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
                    help=f"clash retries of the sampler (default {MAX_RETRIES}, the library default)")
     p.add_argument("--raw", action="store_true", help="also measure every setting without clash retries")
-    p.add_argument("--charge-balanced", action="store_true",
-                   help="sample with the generator's charge_balanced option (SMACT failures are resampled too)")
+    p.add_argument("--charge-check", choices=list(CHARGE_CHECKS), default="ionic",
+                   help="the sampler's charge check (default: ionic, the generator's default); off: clash "
+                        "retries only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", help="torch device for sampling and NLL (default: cuda if available, else cpu)")

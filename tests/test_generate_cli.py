@@ -153,17 +153,37 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     assert proc.stderr.strip().splitlines() == ["generate.py: error: -n must be positive, got 0"]
 
 
-def test_charge_balanced_flag_writes_only_smact_valid_crystals(model_dir, tmp_path, capsys):
+def test_charge_check_smact_writes_only_smact_valid_crystals(model_dir, tmp_path, capsys):
     from wyckoffgpt.metrics import smact_valid
 
     out = tmp_path / "run"
     code, stdout, err = run(["--model", model_dir, "--elements", "Na", "Cl", "O", "-n", 24, "--batch-size", 12,
-                             "--seed", 1, "--charge-balanced", "--out", out], capsys)
+                             "--seed", 1, "--charge-check", "smact", "--out", out], capsys)
     assert code == 0, err
-    assert "all charge-balanced" in stdout
+    assert "charge check smact" in stdout
     rows = read_summary(out)
     assert len(rows) == 24 and {r["charge_balanced"] for r in rows} <= {"true", "false"}
     written = [r for r in rows if r["file"]]
     assert written and all(r["charge_balanced"] == "true" for r in written)
     assert all(smact_valid(r["reduced_formula"]) for r in written)
     assert all("not_charge_balanced" in r["flags"] for r in rows if r["charge_balanced"] == "false")
+
+
+def test_charge_check_off_keeps_the_compositions_the_model_drew(model_dir, tmp_path, capsys):
+    from wyckoffgpt.metrics import passes_charge_check
+
+    args = ["--model", model_dir, "--elements", "Na", "Cl", "O", "-n", 24, "--batch-size", 12, "--seed", 1,
+            "--max-retries", 0]
+    code, stdout, err = run(args + ["--out", tmp_path / "default"], capsys)
+    assert code == 0, err
+    default = read_summary(tmp_path / "default")
+    failing = [r for r in default if "not_charge_balanced" in r["flags"]]
+    assert failing and not any(r["file"] for r in failing)  # a random model draws unbalanced Na-Cl-O
+    placed = [r for r in failing if "too_close" not in r["flags"]]
+    assert f"{len(placed)} failed the charge check (ionic)" in stdout
+    code, _, err = run(args + ["--charge-check", "off", "--out", tmp_path / "off"], capsys)
+    assert code == 0, err
+    off = read_summary(tmp_path / "off")
+    assert [r["sequence"] for r in off] == [r["sequence"] for r in default]  # no retries: the same draws
+    assert not any("not_charge_balanced" in r["flags"] for r in off)
+    assert any(r["file"] and not passes_charge_check(r["reduced_formula"], "ionic") for r in off)

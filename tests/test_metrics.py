@@ -55,6 +55,18 @@ def test_smact_accepts_charge_balanced_and_rejects_absurd_compositions():
     assert metrics.smact_valid(Composition("Na4Cl4")) is True  # ratios count, not the cell size
 
 
+def test_ionic_charge_check_allows_mixed_valence_and_intermetallics_but_not_absurd_salts():
+    # Spinel LiMn2O4 and magnetite need two Mn / Fe oxidation states; Er5Si3 and NdB6 are intermetallic.
+    for formula in ("LiMn2O4", "Fe3O4", "Er5Si3", "NdB6"):
+        assert not metrics.smact_valid(formula)
+        assert metrics.passes_charge_check(formula, "ionic") and not metrics.passes_charge_check(formula, "smact")
+    for formula in ("CdO7", "KCoCl18", "Na2Cl"):
+        assert not metrics.passes_charge_check(formula, "ionic") and metrics.passes_charge_check(formula, "off")
+    assert metrics.passes_charge_check("NaCl", "ionic") and metrics.passes_charge_check("NaCl", "smact")
+    with pytest.raises(ValueError, match="charge check"):
+        metrics.passes_charge_check("NaCl", "strict")
+
+
 def test_training_crystal_is_not_novel_even_rotated_or_as_supercell(slice_records, index):
     record, structure = slice_records[3]
     twin = structure.copy()

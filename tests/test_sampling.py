@@ -287,20 +287,35 @@ def test_retries_raise_the_distance_valid_fraction(generator):
     assert all(r.valid or r.retries == 4 for r in retried)
 
 
-def test_charge_balanced_resamples_sites_and_writes_only_balanced_crystals(generator):
-    from wyckoffgpt.metrics import smact_valid
+@pytest.mark.parametrize("check", ["ionic", "smact"])
+def test_charge_check_resamples_sites_and_writes_only_crystals_that_pass(generator, check):
+    from wyckoffgpt.metrics import passes_charge_check, smact_valid
 
     # Li-Fe-O from a random model: many compositions are not charge-neutral as first drawn.
     kwargs = dict(elements=["Li", "Fe", "O"], seed=4, batch_size=16, check_unique=False, max_retries=4)
-    plain = generator.generate(32, **kwargs)
-    balanced = generator.generate(32, charge_balanced=True, **kwargs)
-    assert all(r.charge_balanced == smact_valid(r.structure.composition) for r in plain + balanced)
+    plain = generator.generate(32, charge_check="off", **kwargs)
+    checked = generator.generate(32, charge_check=check, **kwargs)
+    assert all(r.charge_balanced == smact_valid(r.structure.composition) for r in plain + checked)
     assert not any("not_charge_balanced" in r.flags for r in plain)
-    assert sum(bool(r.charge_balanced) for r in balanced) > sum(bool(r.charge_balanced) for r in plain)
-    for r in balanced:
-        # Written (valid) crystals are charge-balanced; the rest used up their retries and are flagged.
-        assert not r.valid or r.charge_balanced
-        assert r.charge_balanced or ("not_charge_balanced" in r.flags and r.retries == 4)
+    passing = [passes_charge_check(r.structure.composition, check) for r in checked]
+    assert sum(passing) > sum(passes_charge_check(r.structure.composition, check) for r in plain)
+    for r, ok in zip(checked, passing):
+        # Written (valid) crystals pass; the rest used up their retries and are flagged.
+        assert not r.valid or ok
+        assert ok or ("not_charge_balanced" in r.flags and r.retries == 4)
+
+
+def test_ionic_charge_check_is_the_default_and_leaves_intermetallics_alone(generator):
+    from wyckoffgpt.metrics import passes_charge_check
+
+    kwargs = dict(seed=5, batch_size=16, check_unique=False)
+    default = generator.generate(16, elements=["Li", "Fe", "O"], **kwargs)
+    assert all(passes_charge_check(r.structure.composition, "ionic") for r in default if r.valid)
+    # Er-Si: no anion former, so no composition is sent back, SMACT-valid or not.
+    silicides = generator.generate(16, elements=["Er", "Si"], max_retries=0, **kwargs)
+    assert not any("not_charge_balanced" in r.flags for r in silicides)
+    with pytest.raises(ValueError, match="charge check must be one of ionic, smact, off"):
+        generator.generate(1, charge_check="strict")
 
 
 def test_model_saved_in_half_precision_samples_in_float32(tmp_path):

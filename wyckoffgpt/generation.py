@@ -8,6 +8,7 @@ its decoding and filter outcome in `flags`, so nothing is dropped without a trac
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -21,7 +22,7 @@ from pymatgen.core import Element, Structure
 
 from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure, find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDescription, check_conditions
-from .metrics import description_composition, smact_valid
+from .metrics import CHARGE_CHECKS, description_composition, passes_charge_check, smact_valid
 from .sampling import MAX_RETRIES, Sampler
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import STABILITY_TOKENS, Vocab, default_vocab
@@ -61,10 +62,10 @@ class GeneratedCrystal:
     flags: "decode_error" (structure None, see `error`), "too_close" (atoms nearer than the distance
     threshold), "spacegroup_mismatch" (spglib finds another group than the sequence's),
     "duplicate" (matches an earlier valid sample), "filter_error" (the checks failed numerically; the
-    structure is then also marked "too_close" so it is not written), "not_charge_balanced" (only
-    when charge balance was asked for and the retries did not reach it; not written).
-    charge_balanced: the composition passes SMACT (`wyckoffgpt.metrics.smact_valid`); None when the
-    sequence did not decode."""
+    structure is then also marked "too_close" so it is not written), "not_charge_balanced" (the
+    composition failed the generator's charge check and the retries did not mend it; not written).
+    charge_balanced: the composition passes SMACT (`wyckoffgpt.metrics.smact_valid`), whatever
+    charge check was in force; None when the sequence did not decode."""
 
     index: int
     sequence: CrystalSequence
@@ -75,7 +76,7 @@ class GeneratedCrystal:
     temperature: float
     flags: list[str] = field(default_factory=list)
     error: str | None = None
-    retries: int = 0  # how often the sampler sent this sequence back (clashes; charge balance when asked)
+    retries: int = 0  # how often the sampler sent this sequence back (clashes, failed charge check)
     charge_balanced: bool | None = None
 
     @property
@@ -233,7 +234,7 @@ class CrystalGenerator:
                       batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
                       min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
                       on_finished: Callable[[int], None] | None = None,
-                      max_retries: int = MAX_RETRIES, charge_balanced: bool = False) -> Iterator[GeneratedCrystal]:
+                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic") -> Iterator[GeneratedCrystal]:
         """Like `generate`, one result at a time as batches finish, without duplicate marking."""
         if isinstance(n, bool) or int(n) != n or n <= 0:
             raise InputError(f"number of samples must be a positive integer, got {n}")
@@ -245,12 +246,14 @@ class CrystalGenerator:
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
         if isinstance(max_retries, bool) or int(max_retries) != max_retries or max_retries < 0:
             raise InputError(f"max_retries must be a non-negative integer, got {max_retries}")
+        if charge_check not in CHARGE_CHECKS:
+            raise InputError(f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {charge_check!r}")
         cond = self.conditions(elements, ehull, spacegroup)
         self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance,
                           max_retries=int(max_retries),
-                          accept_sites=_smact_valid_sites if charge_balanced else None)
+                          accept_sites=None if charge_check == "off" else functools.partial(_passes, charge_check))
         index = 0
         while index < n:
             size = min(batch_size, n - index)
@@ -261,7 +264,8 @@ class CrystalGenerator:
                 result = self._result(index, CrystalSequence.from_ids(ids, values, self.vocab), temperature,
                                       min_distance, symprec)
                 result.retries = retries
-                if charge_balanced and result.charge_balanced is False:
+                if result.structure is not None and not passes_charge_check(result.structure.composition,
+                                                                            charge_check):
                     result.flags.append("not_charge_balanced")
                 yield result
                 index += 1
@@ -271,18 +275,20 @@ class CrystalGenerator:
                  batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
                  min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
                  check_unique: bool = True, on_finished: Callable[[int], None] | None = None,
-                 max_retries: int = MAX_RETRIES, charge_balanced: bool = False) -> list[GeneratedCrystal]:
+                 max_retries: int = MAX_RETRIES, charge_check: str = "ionic") -> list[GeneratedCrystal]:
         """Sample n crystals. `elements`: exactly this chemical system (each element used);
         `ehull`: "low" | "high" | None (sampled); `spacegroup`: 1-230 or None (sampled).
         `max_retries`: how often a sequence whose atoms clash (closer than `min_distance`) is sent
         back to the site where the clash begins and sampled again from there (0: raw model samples).
-        `charge_balanced`: a sequence whose composition fails SMACT (charge neutrality with common
-        oxidation states, electronegativity order; alloys pass) is drawn again after the given conditions,
-        within the same retries; what still fails is flagged "not_charge_balanced" and not valid. Off
-        by default: 8 % of the training crystals fail SMACT too (silicides, borides, mixed-valence oxides).
+        `charge_check` ("ionic" | "smact" | "off", see `wyckoffgpt.metrics.CHARGE_CHECKS`): a sequence
+        whose composition fails it is drawn again after the given conditions, within the same retries;
+        what still fails is flagged "not_charge_balanced" and not valid. The default, "ionic", asks
+        oxides, nitrides, chalcogenides and halides for a charge-neutral set of oxidation states and
+        leaves intermetallics, borides, carbides and silicides as drawn; "smact" asks every composition
+        to pass SMACT; "off" keeps the model's compositions as drawn.
         The same seed and batch size give the same crystals on the same device and library versions."""
         results = list(self.iter_generate(n, elements, ehull, spacegroup, temperature, seed, batch_size, top_p,
-                                          min_distance, symprec, on_finished, max_retries, charge_balanced))
+                                          min_distance, symprec, on_finished, max_retries, charge_check))
         if check_unique:
             mark_duplicates(results)
         return results
@@ -304,8 +310,8 @@ class CrystalGenerator:
                                 temperature, check.flags, charge_balanced=smact_valid(structure.composition))
 
 
-def _smact_valid_sites(desc: WyckoffDescription) -> bool:
-    return smact_valid(description_composition(desc))
+def _passes(charge_check: str, desc: WyckoffDescription) -> bool:
+    return passes_charge_check(description_composition(desc), charge_check)
 
 
 def mark_duplicates(results: list[GeneratedCrystal]) -> None:
