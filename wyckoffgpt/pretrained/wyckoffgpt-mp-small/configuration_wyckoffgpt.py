@@ -72,6 +72,7 @@ class WyckoffGPTConfig(PreTrainedConfig):
         length_scale: float = 30.0,
         initializer_range: float = 0.02,
         composition_slots: int = 0,
+        charge_feature: bool = False,
         tie_word_embeddings: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -109,6 +110,11 @@ class WyckoffGPTConfig(PreTrainedConfig):
         if composition_slots < 0:
             raise ValueError(f"composition_slots must be >= 0, got {composition_slots}")
         self.composition_slots = composition_slots
+        # True: with the composition, also whether the atoms placed so far pass SMACT charge balance
+        # (wyckoffgpt.composition), so the model can see when a site list may end chemically sound.
+        if charge_feature and not composition_slots:
+            raise ValueError("charge_feature needs composition_slots > 0")
+        self.charge_feature = bool(charge_feature)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

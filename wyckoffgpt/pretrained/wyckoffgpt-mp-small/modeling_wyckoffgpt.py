@@ -254,6 +254,8 @@ class WyckoffGPTModel(PreTrainedModel):
         self.composition_embedding = (
             nn.Linear(2 * config.composition_slots + 2, config.n_embd) if config.composition_slots else None
         )
+        # Whether the atoms placed so far are charge-balanced: the last composition column.
+        self.charge_embedding = nn.Linear(1, config.n_embd) if getattr(config, "charge_feature", False) else None
         self.wpe = (
             nn.Embedding(config.max_position_embeddings, config.n_embd)
             if config.position_embedding == "learned"
@@ -273,7 +275,7 @@ class WyckoffGPTModel(PreTrainedModel):
         if isinstance(module, (CausalSelfAttention, MLP)):
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.out_proj.weight, mean=0.0, std=std)
-        if module is getattr(self, "composition_embedding", None):
+        if any(module is m for m in (getattr(self, "composition_embedding", None), getattr(self, "charge_embedding", None))):
             # Zero: a model given this input on top of trained weights starts out unchanged.
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -365,7 +367,11 @@ class WyckoffGPTModel(PreTrainedModel):
             if composition is None:
                 raise ValueError("this model reads the running composition: pass `composition` "
                                  "(wyckoffgpt.composition.sequence_features)")
-            x = x + self.composition_embedding(composition.to(x.dtype))
+            composition = composition.to(x.dtype)
+            if self.charge_embedding is not None:
+                x = x + self.charge_embedding(composition[..., -1:])
+                composition = composition[..., :-1]
+            x = x + self.composition_embedding(composition)
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, t, past_len, input_ids.device)
         if self.wpe is not None:
