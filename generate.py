@@ -3,8 +3,8 @@
     python generate.py --elements Al Ca Cu --ehull low [-n 100] [--spacegroup 225] [--model DIR]
 
 Writes one file per valid structure (decoded, no atoms closer than the distance threshold, composition
-passing the charge check) to --out,
-plus summary.csv with every sample and its flags, and prints a short summary.
+passing the charge check) to --out, plus summary.csv with every sample and its flags, and prints a
+short summary.
 Bad input exits with status 2 and one line on stderr.
 """
 from __future__ import annotations
