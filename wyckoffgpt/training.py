@@ -429,8 +429,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # is normalised by one constant for all its micro-batches, not averaged per micro-batch.
     set_seed(cfg.seed)
     world, rank = acc.num_processes, acc.process_index
-    batches = EpochBatches(train_set.lengths(), batch_size, cfg.grad_accum_steps, world, rank, cfg.seed,
-                           bucket=cfg.length_buckets)
+    lengths = train_set.lengths()
+    batches = EpochBatches(lengths, batch_size, cfg.grad_accum_steps, world, rank, cfg.seed, bucket=cfg.length_buckets)
     if batches.steps_per_epoch == 0:
         need = batch_size * cfg.grad_accum_steps * world
         raise _fail(
@@ -438,7 +438,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"(batch_size {batch_size} x grad_accum {cfg.grad_accum_steps} x processes {world} = {need})"
         )
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
-    targets_per_step = float(np.mean(train_set.lengths() - 1)) * batch_size * cfg.grad_accum_steps * world
+    targets_per_step = float(np.mean(lengths - 1)) * batch_size * batches.micro_per_step
     layout = {"processes": world, "batch_size": batch_size, "grad_accum_steps": cfg.grad_accum_steps,
               "length_buckets": cfg.length_buckets}
     if resume_state is not None:
