@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from wyckoffgpt.composition import feature_size
 from wyckoffgpt.configuration_wyckoffgpt import PRESET_TRAINING, WyckoffGPTConfig
 from wyckoffgpt.modeling_wyckoffgpt import WyckoffGPTModel
 
@@ -45,8 +46,10 @@ def matmul_gflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return best
 
 
-def synthetic_batch(fields: dict, batch: int, seq_len: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random token ids with value tokens at a realistic rate (~1 in 4) and values in range."""
+def synthetic_batch(fields: dict, batch: int, seq_len: int, gen: torch.Generator,
+                    composition_width: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids with value tokens at a realistic rate (~1 in 4) and values in range, and a
+    random running-composition input when the model reads one (its width; 0: none)."""
     ids = torch.randint(12, fields["vocab_size"], (batch, seq_len), generator=gen)
     value_ids = torch.tensor(fields["coord_token_ids"] + fields["length_token_ids"] + fields["angle_token_ids"])
     is_value = torch.rand(batch, seq_len, generator=gen) < 0.25
@@ -56,7 +59,10 @@ def synthetic_batch(fields: dict, batch: int, seq_len: int, gen: torch.Generator
     lengths = torch.isin(ids, torch.tensor(fields["length_token_ids"]))
     angles = torch.isin(ids, torch.tensor(fields["angle_token_ids"]))
     values = torch.where(lengths, 3 + 10 * values, torch.where(angles, 60 + 60 * values, values))
-    return {"input_ids": ids, "input_values": values}
+    out = {"input_ids": ids, "input_values": values}
+    if composition_width:
+        out["composition"] = torch.rand(batch, seq_len, composition_width, generator=gen)
+    return out
 
 
 class Trainer:
@@ -93,9 +99,11 @@ def main() -> None:
     torch.manual_seed(0)
     fields = vocab_fields()
     batch_size = args.batch_size or PRESET_TRAINING[args.preset]["batch_size"]
-    model = WyckoffGPTModel(WyckoffGPTConfig.from_preset(args.preset, **fields)).train()
+    config = WyckoffGPTConfig.from_preset(args.preset, **fields)
+    model = WyckoffGPTModel(config).train()
     params = model.num_parameters()
-    batch = synthetic_batch(fields, batch_size, args.seq_len, torch.Generator().manual_seed(0))
+    width = feature_size(config.composition_slots, config.charge_feature) if config.composition_slots else 0
+    batch = synthetic_batch(fields, batch_size, args.seq_len, torch.Generator().manual_seed(0), width)
 
     # A round measures the matmul rate right before and right after a few training steps, so each MFU
     # pairs numbers taken under the same conditions (other load on a shared machine moves both); the

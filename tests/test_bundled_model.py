@@ -41,3 +41,16 @@ def test_generator_defaults_to_bundled_model_and_is_seeded():
     first = [str(c.sequence) for c in gen.generate(8, temperature=1.0, seed=3)]
     again = [str(c.sequence) for c in gen.generate(8, temperature=1.0, seed=3)]
     assert first == again
+
+
+def test_small_preset_builds_the_bundled_models_architecture():
+    # The README's training command (`--model-preset small`) must reproduce the shipped model, not a
+    # differently shaped one: same blocks, width, mixture, dropout and running-composition input.
+    from wyckoffgpt.configuration_wyckoffgpt import WyckoffGPTConfig
+
+    (folder,) = [p.parent for p in PRETRAINED_DIR.glob("*/config.json")]
+    shipped = WyckoffGPTConfig.from_pretrained(folder)
+    preset = WyckoffGPTConfig.from_preset("small")
+    fields = ("n_layer", "n_head", "n_embd", "mlp_ratio", "n_mixture", "value_basis_size", "max_position_embeddings",
+              "dropout", "composition_slots", "charge_feature", "continuous_head", "position_embedding")
+    assert {f: getattr(preset, f) for f in fields} == {f: getattr(shipped, f) for f in fields}

@@ -23,7 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class TrainConfig:
     max_lr: float | None = None  # None: the preset's (paper: 2e-4)
     warmup_frac: float = 0.05  # one-cycle: linear warm-up over this fraction, then linear decay
     final_lr_frac: float = 0.01
-    weight_decay: float = 1e-3
+    weight_decay: float | None = None  # None: the preset's
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     # Group sequences of similar length into a step: 2.8x the tokens/s on CPU (less padding), but
@@ -405,6 +405,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     preset_train = PRESET_TRAINING[cfg.model_preset]
     batch_size = cfg.batch_size or preset_train["batch_size"]
     max_lr = cfg.max_lr or preset_train["max_lr"]
+    weight_decay = preset_train["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay
+    # The summary and the model card record the settings in force, not "the preset's".
+    cfg = replace(cfg, batch_size=batch_size, max_lr=max_lr, weight_decay=weight_decay)
     config = _model_config(cfg, meta, resume_config)
     pad = config.pad_token_id
     features = input_features(config, meta["vocab_hash"])
@@ -455,7 +458,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=max_lr,
         betas=cfg.betas,
         fused=True,  # one kernel for all tensors: ~10x faster than foreach on CPU
@@ -480,7 +483,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     acc.print(
         f"model {n_params:,} params, {len(train_set)} train seqs, {batches.steps_per_epoch} steps/epoch, "
         f"{total_steps} steps, batch {batch_size}x{cfg.grad_accum_steps}x{world}, lr {max_lr:g}, "
-        f"precision {cfg.mixed_precision}" + (f", resumed at step {state['step']}" if resume_state else "")
+        f"weight decay {weight_decay:g}, precision {cfg.mixed_precision}" + (f", resumed at step {state['step']}" if resume_state else "")
     )
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
     log = _Logger(acc, log_path, bar)

@@ -15,15 +15,19 @@ from transformers import PreTrainedConfig
 # peak rate while a step on a batch of 32 sequences of ~64 tokens stays well under a second.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_mixture=4, value_basis_size=16, max_position_embeddings=128),
-    "small": dict(n_layer=6, n_head=8, n_embd=256, n_mixture=8, value_basis_size=64, max_position_embeddings=256),
+    # The bundled model's shape: dropout and the running composition are what made it generalise
+    # (val loss 0.339 vs 0.47 without dropout, same data and budget; its model card).
+    "small": dict(n_layer=6, n_head=8, n_embd=256, n_mixture=8, value_basis_size=64, max_position_embeddings=256,
+                  dropout=0.1, composition_slots=8),
     "paper": dict(n_layer=12, n_head=16, n_embd=512, n_mixture=8, value_basis_size=128, max_position_embeddings=256),
 }
 
-# Training defaults that go with each preset (batch size in sequences per process and step).
+# Training defaults that go with each preset (batch size in sequences per process and step). The
+# small preset's are the bundled model's recipe: 45 epochs of these reach val loss 0.338.
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
-    "tiny": dict(batch_size=32, max_lr=1e-3),
-    "small": dict(batch_size=64, max_lr=5e-4),
-    "paper": dict(batch_size=256, max_lr=2e-4),
+    "tiny": dict(batch_size=32, max_lr=1e-3, weight_decay=1e-3),
+    "small": dict(batch_size=128, max_lr=1e-3, weight_decay=0.1),
+    "paper": dict(batch_size=256, max_lr=2e-4, weight_decay=1e-3),
 }
 
 CONTINUOUS_HEADS = ("mixture", "mse")
