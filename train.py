@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", dest="grad_accum_steps", type=int)
     p.add_argument("--lr", dest="max_lr", type=float, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--length-sorted-pieces", dest="length_sorted_pieces", type=int,
+                   help="run each micro-batch as this many pieces of similar length (same gradient, less "
+                        "padding); default 4 on CPU, 1 on GPU")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", dest="eval_every", type=int)
     p.add_argument("--patience", type=int)

@@ -130,6 +130,33 @@ def test_grad_accumulation_normalises_by_target_tokens(dataset, tmp_path):
     assert one["step"] == two["step"] == 2
 
 
+def test_length_sorted_pieces_change_only_the_padding_not_the_step(dataset, tmp_path):
+    """A batch of 16 run as 4 pieces of similar length makes the same optimizer steps as run whole."""
+    whole = train(quick(dataset, tmp_path / "whole", batch_size=16, max_steps=3, eval_every=0, length_sorted_pieces=1))
+    split = train(quick(dataset, tmp_path / "split", batch_size=16, max_steps=3, eval_every=0, length_sorted_pieces=4))
+    for ra, rb in zip(log_rows(tmp_path / "whole"), log_rows(tmp_path / "split")):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5)
+    wa = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "split" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    recorded = json.loads((tmp_path / "split" / "training_summary.json").read_text())["train_config"]
+    assert recorded["length_sorted_pieces"] == 4
+
+
+def test_length_sorted_pieces_keep_every_sequence_and_cut_padding():
+    from wyckoffgpt.training import _length_sorted_pieces
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 120, size=500)
+    idx = rng.permutation(500)[:128]
+    pieces = _length_sorted_pieces(idx, lengths, 4)
+    assert len(pieces) == 4 and sorted(np.concatenate(pieces).tolist()) == sorted(idx.tolist())
+    padded = sum(len(p) * lengths[p].max() for p in pieces)
+    assert padded < 0.7 * len(idx) * lengths[idx].max()
+    assert [len(p) for p in _length_sorted_pieces(idx[:3], lengths, 4)] == [1, 1, 1]
+
+
 def test_bf16_mixed_precision_trains_on_cpu(dataset, tmp_path):
     summary = train(quick(dataset, tmp_path / "bf16", mixed_precision="bf16", max_steps=8, eval_every=4))
     rows = log_rows(tmp_path / "bf16")
