@@ -72,10 +72,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     # Group sequences of similar length into a step: less padding, but biased (length_sorted_pieces
-    # below gets about the same speed without the bias). This model's gradient norm (5-30) is always above grad_clip, so every step moves the
-    # weights as far, and with steps of only short or only long crystals a short crystal's tokens
-    # weigh about 4x a long one's: the model trained so (before 2026-11-23) sampled 24 % binaries
-    # where the data have 17 %. Shuffled steps mix lengths, and every token weighs the same.
+    # below gets about the same speed without the bias). This model's gradient norm (5-30) is always
+    # above grad_clip, so every step moves the weights as far, and with steps of only short or only
+    # long crystals a short crystal's tokens weigh about 4x a long one's: the model trained so (before
+    # 2026-11-23) sampled 24 % binaries where the data have 17 %. Shuffled steps mix lengths, and
+    # every token weighs the same.
     length_buckets: bool = False
     # Run each micro-batch as this many pieces of similar length, sorted within the step: the step
     # and its gradient stay the same (the loss is a sum divided by a constant), only the padding
