@@ -187,3 +187,12 @@ def test_charge_check_off_keeps_the_compositions_the_model_drew(model_dir, tmp_p
     assert [r["sequence"] for r in off] == [r["sequence"] for r in default]  # no retries: the same draws
     assert not any("not_charge_balanced" in r["flags"] for r in off)
     assert any(r["file"] and not passes_charge_check(r["reduced_formula"], "ionic") for r in off)
+
+
+def test_cli_offers_exactly_the_librarys_charge_checks(capsys):
+    # generate.py spells the choices out so that `--help` needs no pymatgen import; they must stay the
+    # library's, or a check would be missing from the CLI.
+    from wyckoffgpt.metrics import CHARGE_CHECKS
+
+    assert [CLI.parse_args(["--charge-check", c]).charge_check for c in CHARGE_CHECKS] == list(CHARGE_CHECKS)
+    assert CLI.parse_args([]).charge_check == CHARGE_CHECKS[0]  # the library's default, "ionic"

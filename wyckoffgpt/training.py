@@ -424,8 +424,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     batch_size = cfg.batch_size or preset_train["batch_size"]
     max_lr = cfg.max_lr or preset_train["max_lr"]
     weight_decay = preset_train["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay
-    # The summary and the model card record the settings in force, not "the preset's".
-    cfg = replace(cfg, batch_size=batch_size, max_lr=max_lr, weight_decay=weight_decay)
     config = _model_config(cfg, meta, resume_config)
     pad = config.pad_token_id
     features = input_features(config, meta["vocab_hash"])
@@ -452,7 +450,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     world, rank = acc.num_processes, acc.process_index
     lengths = train_set.lengths()
     pieces = cfg.length_sorted_pieces or (1 if acc.device.type == "cuda" else 4)
-    cfg = replace(cfg, length_sorted_pieces=pieces)
+    # The summary and the model card record the settings in force, not "the preset's" or "the device's".
+    cfg = replace(cfg, batch_size=batch_size, max_lr=max_lr, weight_decay=weight_decay, length_sorted_pieces=pieces)
     batches = EpochBatches(lengths, batch_size, cfg.grad_accum_steps, world, rank, cfg.seed, bucket=cfg.length_buckets)
     if batches.steps_per_epoch == 0:
         need = batch_size * cfg.grad_accum_steps * world
