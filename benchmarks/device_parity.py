@@ -47,8 +47,8 @@ def parity(model, data: str, n_val: int, device: str) -> dict:
     full = on_device(**prefix).logits[:, -1]
     past = step = None
     for t in range(20):
-        step = on_device(**{k: v[:, t:t + 1] for k, v in prefix.items()}, past_key_values=past, use_cache=True)
-        past = step.past_key_values
+        step = on_device(**{k: v[:, t:t + 1] for k, v in prefix.items()}, cache=past, use_cache=True)
+        past = step.cache
     model.to("cpu")
     return {"nll_cpu": nll_cpu, "nll_device": nll_device, "nll_rel_diff": abs(nll_cpu - nll_device) / abs(nll_cpu),
             "kv_cache_max_abs_diff": float((full - step.logits[:, -1]).abs().max())}

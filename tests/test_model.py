@@ -104,10 +104,10 @@ def test_cached_forward_matches_uncached(position_embedding):
     # Prompt of 5 tokens in one call, then one token at a time.
     out = model(ids[:, :5], vals[:, :5], use_cache=True)
     logits, hidden = [out.logits], [out.last_hidden_state]
-    cache = out.past_key_values
+    cache = out.cache
     for t in range(5, ids.shape[1]):
-        out = model(ids[:, t : t + 1], vals[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], vals[:, t : t + 1], cache=cache, use_cache=True)
+        cache = out.cache
         logits.append(out.logits)
         hidden.append(out.last_hidden_state)
     assert cache.get_seq_length() == ids.shape[1]

@@ -221,12 +221,17 @@ def _from_modelled(y: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
 @dataclass
 class WyckoffGPTOutput(ModelOutput):
     """`loss` is the batch loss normalised by its own number of target tokens; the `*_sum` fields and
-    counts let a training loop normalise over several micro-batches and processes instead."""
+    counts let a training loop normalise over several micro-batches and processes instead.
+
+    The KV cache is the field `cache`: transformers 5.24 renamed `past_key_values` to `cache` in every
+    `ModelOutput` constructor (a metaclass rewrites the keyword), so a field of the old name can no
+    longer be filled there, while a field named `cache` works on every 5.x. The `past_key_values`
+    property keeps the old attribute readable on all of them."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     loss_sum: torch.Tensor | None = None
     token_loss_sum: torch.Tensor | None = None
     coord_loss_sum: torch.Tensor | None = None
@@ -236,6 +241,10 @@ class WyckoffGPTOutput(ModelOutput):
     n_coord: torch.Tensor | None = None
     n_length: torch.Tensor | None = None
     n_angle: torch.Tensor | None = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        return self.cache
 
 
 class WyckoffGPTModel(PreTrainedModel):
@@ -339,24 +348,29 @@ class WyckoffGPTModel(PreTrainedModel):
         input_ids: torch.Tensor,
         input_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         compute_loss: bool = False,
         position_ids: torch.Tensor | None = None,
         composition: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> WyckoffGPTOutput:
         """`attention_mask` (B, past + T) marks real tokens with 1 (needed only for left padding or
         padding inside a cached prompt; right padding is harmless under causal attention).
         With `compute_loss`, targets are the next tokens and next values of `input_ids`/`input_values`;
         pad targets are ignored. `composition` (B, T, 2 * composition_slots + 2): the running
-        composition after each token, required when `config.composition_slots` > 0."""
+        composition after each token, required when `config.composition_slots` > 0. `cache` is the KV
+        cache (a `transformers.Cache`); `past_key_values` is its name before transformers 5.24."""
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+            cache = past_key_values
         b, t = input_ids.shape
         if input_values is None:
             input_values = torch.full((b, t), float("nan"), device=input_ids.device)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = DynamicCache()
         past_len = cache.get_seq_length() if cache is not None else 0
 
         kinds = self.token_kinds(input_ids)
@@ -388,7 +402,7 @@ class WyckoffGPTModel(PreTrainedModel):
         hidden = self.ln_f(x)
         logits = self.lm_head(hidden)
 
-        out = WyckoffGPTOutput(logits=logits, last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+        out = WyckoffGPTOutput(logits=logits, last_hidden_state=hidden, cache=cache if use_cache else None)
         if compute_loss:
             self._add_loss(out, input_ids, input_values, attention_mask, hidden, logits)
         return out

@@ -113,8 +113,8 @@ def draw_tokens(logits: torch.Tensor, allowed: torch.Tensor | None, temperature:
 
 
 class Sampler:
-    """Draws sequences from a WyckoffGPT-like model: `model(input_ids, input_values, past_key_values=,
-    use_cache=)` returning `logits`, `last_hidden_state`, `past_key_values`, and `model.sample_values`."""
+    """Draws sequences from a WyckoffGPT-like model: `model(input_ids, input_values, cache=,
+    use_cache=)` returning `logits`, `last_hidden_state`, `cache`, and `model.sample_values`."""
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_p: float | None = None,
                  use_cache: bool = True, min_distance: float | None = None, max_retries: int = MAX_RETRIES,
@@ -204,9 +204,9 @@ class Sampler:
         cache, step_ids, step_vals, step_comp, n_new, again = None, ids, vals, comp, 0, []
         while len(live_rows):
             if self.use_cache:
-                out = model(step_ids, step_vals, attention_mask=mask, past_key_values=cache, use_cache=True,
+                out = model(step_ids, step_vals, attention_mask=mask, cache=cache, use_cache=True,
                             composition=step_comp)
-                cache = out.past_key_values
+                cache = out.cache
             else:
                 out = model(ids, vals, attention_mask=mask, composition=comp)
             logits, hidden = out.logits[:, -1], out.last_hidden_state[:, -1]
