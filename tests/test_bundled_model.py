@@ -1,5 +1,6 @@
 """The default model shipped inside the package: found without flags, small, and it does the main job."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,45 @@ def test_small_preset_builds_the_bundled_models_architecture():
     fields = ("n_layer", "n_head", "n_embd", "mlp_ratio", "n_mixture", "value_basis_size", "max_position_embeddings",
               "dropout", "composition_slots", "charge_feature", "continuous_head", "position_embedding")
     assert {f: getattr(preset, f) for f in fields} == {f: getattr(shipped, f) for f in fields}
+
+
+REMOTE_CODE_STEP = r"""
+import json, sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+cfg = model.config
+width = 2 * cfg.composition_slots + 2 + int(cfg.charge_feature) if cfg.composition_slots else 0
+ids = torch.tensor([[cfg.bos_token_id, cfg.bos_token_id]])
+kw = {"composition": torch.zeros(1, 1, width)} if width else {}
+with torch.no_grad():
+    first = model(ids[:, :1], use_cache=True, **kw)
+    assert first.cache.get_seq_length() == 1
+    second = model(ids[:, 1:], cache=first.cache, use_cache=True, **kw)
+assert second.cache.get_seq_length() == 2
+print(json.dumps({"class": type(model).__module__, "logits": second.logits[0, -1, :8].tolist(),
+                  "wyckoffgpt_imported": any(m.split(".")[0] == "wyckoffgpt" for m in sys.modules)}))
+"""
+
+
+def test_plain_transformers_loads_the_bundled_folder_without_this_package(tmp_path):
+    # What a Hub user without wyckoffgpt installed runs: the code saved beside the weights must work on
+    # the transformers they have, and give the library model's numbers.
+    (folder,) = [p.parent for p in PRETRAINED_DIR.glob("*/config.json")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run([sys.executable, "-c", REMOTE_CODE_STEP, str(folder)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    remote = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert remote["class"].startswith("transformers_modules") and not remote["wyckoffgpt_imported"]
+
+    import torch
+    from wyckoffgpt.modeling_wyckoffgpt import WyckoffGPTModel
+
+    model = WyckoffGPTModel.from_pretrained(folder).eval()
+    cfg = model.config
+    ids = torch.full((1, 2), cfg.bos_token_id)
+    comp = torch.zeros(1, 2, 2 * cfg.composition_slots + 2 + int(cfg.charge_feature))
+    with torch.no_grad():
+        logits = model(ids, composition=comp).logits[0, -1, :8]
+    torch.testing.assert_close(torch.tensor(remote["logits"]), logits, atol=1e-5, rtol=1e-5)

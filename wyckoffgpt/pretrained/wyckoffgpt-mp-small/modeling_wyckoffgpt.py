@@ -279,11 +279,12 @@ class WyckoffGPTModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
+        # Every Linear, Embedding and LayerNorm gets transformers' default (normal(0, initializer_range),
+        # zero bias, unit LayerNorm), with no GPT-2 shrinking of the residual projections: transformers
+        # >= 5.20 never calls `_init_weights` on a remote-code module without parameters of its own
+        # (attention, MLP), so that shrinking did not run in the default model's training, and on
+        # earlier releases it did; one rule for every release keeps training reproducible.
         super()._init_weights(module)
-        # GPT-2 scheme: shrink the projections that write into the residual stream by 1/sqrt(2 L).
-        if isinstance(module, (CausalSelfAttention, MLP)):
-            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.out_proj.weight, mean=0.0, std=std)
         if any(module is m for m in (getattr(self, "composition_embedding", None), getattr(self, "charge_embedding", None))):
             # Zero: a model given this input on top of trained weights starts out unchanged.
             init.zeros_(module.weight)
@@ -402,12 +403,14 @@ class WyckoffGPTModel(PreTrainedModel):
         hidden = self.ln_f(x)
         logits = self.lm_head(hidden)
 
-        out = WyckoffGPTOutput(logits=logits, last_hidden_state=hidden, cache=cache if use_cache else None)
-        if compute_loss:
-            self._add_loss(out, input_ids, input_values, attention_mask, hidden, logits)
-        return out
+        losses = self._losses(input_ids, input_values, attention_mask, hidden, logits) if compute_loss else {}
+        # Every field goes through the constructor: before transformers 5.2x a field set afterwards is
+        # an attribute but not a key, and accelerate's fp32 conversion rebuilds outputs from their keys.
+        return WyckoffGPTOutput(logits=logits, last_hidden_state=hidden, cache=cache if use_cache else None, **losses)
 
-    def _add_loss(self, out, input_ids, input_values, attention_mask, hidden, logits) -> None:
+    def _losses(self, input_ids, input_values, attention_mask, hidden, logits) -> dict[str, torch.Tensor]:
+        """The output's loss fields: `loss`, `loss_sum`, `token_loss_sum`, `n_tokens` and a sum and a
+        count per value kind."""
         target_ids = input_ids[:, 1:]
         target_values = input_values[:, 1:].float()
         valid = target_ids != self.config.pad_token_id
@@ -425,14 +428,13 @@ class WyckoffGPTModel(PreTrainedModel):
         ids, vals, kinds = target_ids.reshape(-1)[rows], target_values.reshape(-1)[rows], target_kinds.reshape(-1)[rows]
         per_value = self._value_loss(h, ids, vals, kinds)
 
-        out.token_loss_sum = token_sum
-        out.n_tokens = valid.sum()
-        out.loss_sum = token_sum + per_value.sum()
+        losses = {"token_loss_sum": token_sum, "n_tokens": valid.sum(), "loss_sum": token_sum + per_value.sum()}
         for kind, name in KIND_NAMES.items():
             sel = kinds == kind
-            setattr(out, f"{name}_loss_sum", (per_value * sel).sum())
-            setattr(out, f"n_{name}", sel.sum())
-        out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+            losses[f"{name}_loss_sum"] = (per_value * sel).sum()
+            losses[f"n_{name}"] = sel.sum()
+        losses["loss"] = losses["loss_sum"] / losses["n_tokens"].clamp(min=1)
+        return losses
 
     def _value_loss(self, hidden, next_ids, values, kinds) -> torch.Tensor:
         """Per-row NLL (mixture head) or squared error in the regressed variable (MSE head)."""
