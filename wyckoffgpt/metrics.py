@@ -215,7 +215,7 @@ class SampleSetMetrics:
     unique_novel: int | None
     wasserstein_density: float | None
     wasserstein_n_elements: float | None
-    crystal_systems: dict[str, float]
+    crystal_systems: dict[str, float | None]
     crystal_system_tvd: float | None
     reference: str | None
     valid_index: list[int] = field(default_factory=list)
@@ -252,7 +252,7 @@ def sample_set_metrics(results: Sequence["GeneratedCrystal"], reference: Referen
     unique = unique_flags(structures)
     novel = novel_flags(structures, reference) if reference is not None else None
     systems = [_system_of(r) for r in valid]
-    shares = _shares(systems)
+    shares = _shares(systems) if valid else dict.fromkeys(CRYSTAL_SYSTEMS)  # no samples, no shares
     densities = [s.density for s in structures]
     counts = [len(s.composition.elements) for s in structures]
     tvd = None
