@@ -288,8 +288,11 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen) -> int:
         print(f"T={point.temperature}: valid {r['valid']:.3f}, unique {r['unique'] or 0:.3f}, novel {novel}; "
               f"{sum(x.valid for x in point.results)} structures written to {out / f'T{point.temperature}'}")
     if args.plot:
-        conditions = ", ".join(filter(None, ["-".join(args.elements or []), args.ehull and f"ehull {args.ehull}",
-                                             args.spacegroup and f"space group {args.spacegroup}"]))
+        conditions = ", ".join(filter(None, [
+            "-".join(args.elements or []), args.ehull and f"ehull {args.ehull}",
+            args.spacegroup and f"space group {args.spacegroup}",
+            args.max_retries is not None and f"max retries {args.max_retries}",
+            args.charge_check != "ionic" and f"charge check {args.charge_check}"]))
         sweep.plot_sweep(points, args.plot, conditions or "unconditional")
     print(f"wrote {report}" + (f" and {args.plot}" if args.plot else ""))
     return 0

@@ -217,8 +217,8 @@ def test_structure_copied_from_the_reference_is_not_novel():
     reference = reference_of({"ref-1": nacl, "ref-2": rocksalt(4.2, ("K", "F"))}, "two salts")
     assert reference.find_match(copy) == "ref-1"
     # CsCl-type NaCl: same formula, another structure; NaF: a formula the reference lacks
-    m = metrics.sample_set_metrics([sample(copy, 225), sample(cscl_type(), 221), sample(rocksalt(4.6, ("Na", "F")), 225)],
-                                   reference)
+    samples = [sample(copy, 225), sample(cscl_type(), 221), sample(rocksalt(4.6, ("Na", "F")), 225)]
+    m = metrics.sample_set_metrics(samples, reference)
     assert m.novel_flags == [False, True, True]
     assert m.row()["novel"] == pytest.approx(2 / 3) and m.row()["n_novel"] == 2
     assert m.row()["reference"] == "two salts"

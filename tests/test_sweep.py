@@ -82,8 +82,8 @@ def test_tiny_sweep_writes_a_folder_per_temperature_a_table_and_a_plot(model_dir
 
 
 def test_sweep_without_reference_leaves_novelty_empty(model_dir, tmp_path, capsys):
-    code, stdout, err = run(["--model", model_dir, "--temperatures", 1.0, "-n", 3, "--seed", 1, "--out", tmp_path / "o"],
-                            capsys)
+    code, stdout, err = run(["--model", model_dir, "--temperatures", 1.0, "-n", 3, "--seed", 1,
+                             "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     assert "reference: none" in stdout
     (row,) = read_csv(tmp_path / "o" / "sweep.csv")  # the table's default place

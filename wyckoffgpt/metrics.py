@@ -13,11 +13,12 @@ For a list of generated samples (`GeneratedCrystal`), `sample_set_metrics` count
   novel           valid, and matches no crystal of the reference set
   unique_novel    both
 decoded, dist_valid_0.5, valid and smact_valid are fractions of all samples; sg_consistent, unique,
-novel and unique_novel fractions of the valid samples. Structures are compared with pymatgen's StructureMatcher (default tolerances), only within
-the same reduced formula. Distribution statistics are of the valid samples against the reference:
-the Wasserstein (earth mover's) distance of the mass density (g/cm³) and of the number of elements,
-as CDVAE and DiffCSP report them, and the share of samples per crystal system (from the space group
-spglib finds) with its total-variation distance to the reference's shares.
+novel and unique_novel fractions of the valid samples. Structures are compared with pymatgen's
+StructureMatcher (default tolerances), only within the same reduced formula. Distribution
+statistics are of the valid samples against the reference: the Wasserstein (earth mover's) distance
+of the mass density (g/cm³) and of the number of elements, as CDVAE and DiffCSP report them, and the
+share of samples per crystal system (from the space group spglib finds) with its total-variation
+distance to the reference's shares.
 
 The reference (`ReferenceSet`) is the model's own fingerprint index of its training crystals by
 default (`model_reference`), or any set given with `load_reference`: a fingerprint index file, a
@@ -56,7 +57,7 @@ def unique_flags(structures: Sequence[Structure]) -> list[bool]:
     return [match is None for match in find_duplicates(list(structures))]
 
 
-def novel_flags(structures: Sequence[Structure], reference: "ReferenceSet | FingerprintIndex") -> list[bool]:
+def novel_flags(structures: Sequence[Structure], reference: ReferenceSet | FingerprintIndex) -> list[bool]:
     """True for each structure that matches no crystal of the reference."""
     return [reference.find_match(s) is None for s in structures]
 
@@ -112,7 +113,7 @@ class ReferenceSet:
         return _shares(self.crystal_systems)
 
     @classmethod
-    def from_index(cls, index: FingerprintIndex, name: str) -> "ReferenceSet":
+    def from_index(cls, index: FingerprintIndex, name: str) -> ReferenceSet:
         """The training crystals of a fingerprint index, read from their sequences (no decoding)."""
         densities, counts, systems = [], [], []
         for i in range(len(index)):
@@ -124,7 +125,7 @@ class ReferenceSet:
         return cls(name, index.find_match, np.array(densities), np.array(counts), systems)
 
     @classmethod
-    def from_structures(cls, structures: dict[str, Structure], name: str) -> "ReferenceSet":
+    def from_structures(cls, structures: dict[str, Structure], name: str) -> ReferenceSet:
         """Any structures, keyed by an id that `find_match` returns."""
         systems = []
         for s in structures.values():
@@ -194,7 +195,7 @@ def _wasserstein(samples: Sequence[float], reference: np.ndarray) -> float | Non
     return float(wasserstein_distance(samples, reference)) if len(samples) and len(reference) else None
 
 
-def _system_of(r: "GeneratedCrystal") -> str:
+def _system_of(r: GeneratedCrystal) -> str:
     sg = r.detected_spacegroup if r.detected_spacegroup is not None else r.spacegroup
     return crystal_system(sg) if sg is not None else "unknown"
 
@@ -242,7 +243,7 @@ class SampleSetMetrics:
         return out
 
 
-def sample_set_metrics(results: Sequence["GeneratedCrystal"], reference: ReferenceSet | None) -> SampleSetMetrics:
+def sample_set_metrics(results: Sequence[GeneratedCrystal], reference: ReferenceSet | None) -> SampleSetMetrics:
     """The metrics of a sample set against `reference` (None: novelty and the distribution
     distances are left out)."""
     decoded = [r for r in results if r.structure is not None]
