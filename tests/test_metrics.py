@@ -158,7 +158,8 @@ def test_quality_benchmark_runs_end_to_end(dataset, tmp_path):
     model = save_random_model(tmp_path / "model")
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--model", str(model),
-                           "--data", str(dataset), "--n", "8", "--temperatures", "1.0", "--out", str(out)],
+                           "--data", str(dataset), "--n", "8", "--temperatures", "1.0", "--out", str(out),
+                           "--reference", str(dataset)],
                           capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -166,6 +167,8 @@ def test_quality_benchmark_runs_end_to_end(dataset, tmp_path):
     assert last == json.loads(out.read_text())
     rows = last["models"][0]["samples"]
     assert [r["ehull"] for r in rows] == ["none", "low", "high"] and all(r["n"] == 8 for r in rows)
+    assert str(dataset) in last["reference"] and "train split" in last["reference"]
+    assert all("wasserstein_density" in r and "dist_valid_0.5" in r for r in rows)
     assert last["models"][0]["validation"]["sequences"] == N_VAL
     assert "| model | T | ehull |" in proc.stdout
 

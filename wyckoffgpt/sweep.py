@@ -1,11 +1,12 @@
 """Temperature sweeps: the same request sampled at several temperatures, each sample set measured
 with `wyckoffgpt.metrics`, as a table (one row per temperature) and a plot.
 
-    from wyckoffgpt import CrystalGenerator
+    from wyckoffgpt.generation import CrystalGenerator, resolve_model_path
     from wyckoffgpt.metrics import model_reference
-    from wyckoffgpt.sweep import run_sweep, sweep_rows, write_table, plot_sweep
+    from wyckoffgpt.sweep import plot_sweep, run_sweep, sweep_rows, write_table
 
-    gen = CrystalGenerator.from_pretrained()
+    folder = resolve_model_path(None)  # the bundled model
+    gen = CrystalGenerator.from_pretrained(folder)
     points = run_sweep(gen, [0.7, 1.0, 1.3], 300, reference=model_reference(folder), seed=0)
     write_table(sweep_rows(points), "sweep.csv")
     plot_sweep(points, "sweep.png")
