@@ -1,10 +1,12 @@
 """Generate crystal structures with a trained WyckoffGPT model.
 
     python generate.py --elements Al Ca Cu --ehull low [-n 100] [--spacegroup 225] [--model DIR]
+    python generate.py --temperatures 0.7 1.0 1.3 -n 300 --report sweep.csv --plot sweep.png --out DIR
 
 Writes one file per valid structure (decoded, no atoms closer than the distance threshold, composition
 passing the charge check) to --out, plus summary.csv with every sample and its flags, and prints a
-short summary.
+short summary. With --temperatures, a sweep: one such folder per temperature inside --out and a table
+of their metrics (wyckoffgpt.sweep).
 Bad input exits with status 2 and one line on stderr.
 """
 from __future__ import annotations
@@ -259,6 +261,9 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen) -> int:
     report = args.report or out / "sweep.csv"
     if report.exists():
         raise UsageError(f"{report} exists; remove it, or choose another --report or --out")
+    for t in args.temperatures:
+        if (out / f"T{t}").exists():
+            raise UsageError(f"{out / f'T{t}'} exists (an earlier sweep?); choose another --out")
     try:
         reference = (metrics.load_reference(args.reference) if args.reference
                      else metrics.model_reference(resolve_model_path(args.model)))
