@@ -1,10 +1,12 @@
 """Generate crystal structures with a trained WyckoffGPT model.
 
     python generate.py --elements Al Ca Cu --ehull low [-n 100] [--spacegroup 225] [--model DIR]
+    python generate.py --temperatures 0.7 1.0 1.3 -n 300 --report sweep.csv --plot sweep.png --out DIR
 
 Writes one file per valid structure (decoded, no atoms closer than the distance threshold, composition
 passing the charge check) to --out, plus summary.csv with every sample and its flags, and prints a
-short summary.
+short summary. With --temperatures, a sweep: one such folder per temperature inside --out and a table
+of their metrics (wyckoffgpt.sweep).
 Bad input exits with status 2 and one line on stderr.
 """
 from __future__ import annotations
@@ -40,7 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ehull", choices=["low", "high"], help="stability class (default: sampled)")
     p.add_argument("--spacegroup", type=int, metavar="N", help="space group number 1-230 (default: sampled)")
     p.add_argument("-n", "--num-samples", type=int, default=100, dest="n")
-    p.add_argument("--temperature", type=float, default=1.0)
+    temps = p.add_mutually_exclusive_group()
+    temps.add_argument("--temperature", type=float, default=1.0)
+    temps.add_argument("--temperatures", type=float, nargs="+", metavar="T",
+                       help="a temperature sweep: n samples at each, in subfolders T<value> of --out, measured "
+                            "(validity, uniqueness, novelty, distribution statistics) in --report")
     p.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling of tokens (default: off)")
     p.add_argument("--batch-size", type=int, default=256, dest="batch_size")
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
@@ -59,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=list(FORMATS), default="cif")
+    p.add_argument("--report", type=Path, help="sweep: the table, one row per temperature (default: OUT/sweep.csv)")
+    p.add_argument("--plot", type=Path, help='sweep: a PNG of the table (needs pip install "wyckoffgpt[plot]")')
+    p.add_argument("--reference", type=Path, help="sweep: novelty and distribution statistics against this set "
+                   "(a prepared dataset folder, a CSV of CIFs, a folder of .cif files; default: the model's "
+                   "fingerprint index of its training crystals)")
     return p.parse_args(argv)
 
 
@@ -76,6 +87,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
+    if args.temperatures is not None or args.report or args.plot or args.reference:
+        check_sweep_args(args)
     if args.device is not None:
         import torch
 
@@ -85,6 +98,26 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:0, ...)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+def check_sweep_args(args: argparse.Namespace) -> None:
+    from wyckoffgpt import sweep
+
+    if args.temperatures is None:
+        raise UsageError("--report, --plot and --reference belong to a sweep: give --temperatures")
+    try:
+        args.temperatures = sweep.check_temperatures(args.temperatures)
+        if args.plot:
+            sweep.require_matplotlib()
+    except (ValueError, ImportError) as e:
+        raise UsageError(str(e)) from None
+    for path in (args.report, args.plot):
+        if path is not None and path.exists():
+            raise UsageError(f"{path} exists; remove it or choose another name")
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"folder {path.parent} does not exist")
+    if args.reference is not None and not args.reference.exists():
+        raise UsageError(f"--reference {args.reference} does not exist")
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -141,7 +174,6 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     import transformers
     from tqdm import tqdm
 
-    from wyckoffgpt.atomic import atomic_write
     from wyckoffgpt.generation import CrystalGenerator, InputError
 
     transformers.logging.set_verbosity_error()
@@ -151,6 +183,8 @@ def generate(args: argparse.Namespace, out: Path) -> int:
         gen.conditions(args.elements, args.ehull, args.spacegroup)  # fail before any sampling
     except InputError as e:
         raise UsageError(str(e)) from None
+    if args.temperatures is not None:
+        return temperature_sweep(args, out, gen)
 
     t0 = time.perf_counter()
     with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None, desc="sampling") as bar:
@@ -159,12 +193,22 @@ def generate(args: argparse.Namespace, out: Path) -> int:
                                top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update,
                                charge_check=args.charge_check,
                                **({} if args.max_retries is None else {"max_retries": args.max_retries}))
+    write_results(results, out, args.format)
+    elapsed = time.perf_counter() - t0
+    print_summary(args, gen, results, out, elapsed)
+    return 0
+
+
+def write_results(results: list, out: Path, fmt: str) -> None:
+    """One file per valid structure and summary.csv with every sample."""
+    from wyckoffgpt.atomic import atomic_write
+
     rows = []
     for r in results:
         s, name = r.structure, ""
         if r.valid:
-            name = f"{r.index:05d}_{s.composition.reduced_formula}_sg{r.spacegroup}{FORMATS[args.format]}"
-            atomic_write(out / name, structure_text(s, args.format))
+            name = f"{r.index:05d}_{s.composition.reduced_formula}_sg{r.spacegroup}{FORMATS[fmt]}"
+            atomic_write(out / name, structure_text(s, fmt))
         rows.append({
             "index": r.index, "file": name,
             "formula": s.formula.replace(" ", "") if s is not None else "",
@@ -184,8 +228,9 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "summary.csv", buf.getvalue())
-    elapsed = time.perf_counter() - t0
 
+
+def print_summary(args: argparse.Namespace, gen, results: list, out: Path, elapsed: float) -> None:
     decoded = [r for r in results if r.structure is not None]
     valid = [r for r in decoded if r.valid]
     placed = [r for r in decoded if r.distance_valid]
@@ -205,6 +250,56 @@ def generate(args: argparse.Namespace, out: Path) -> int:
               f"({sum(r.retries for r in retried)} retries; the 'retries' column of summary.csv)")
     print(f"wrote {len(valid)} {args.format} files (space-group consistent {len(consistent)}, unique {len(unique)}"
           + f", charge check {args.charge_check}) and summary.csv to {out}")
+
+
+def temperature_sweep(args: argparse.Namespace, out: Path, gen) -> int:
+    from tqdm import tqdm
+
+    from wyckoffgpt import metrics, sweep
+    from wyckoffgpt.generation import resolve_model_path
+
+    report = args.report or out / "sweep.csv"
+    if report.exists():
+        raise UsageError(f"{report} exists; remove it, or choose another --report or --out")
+    for t in args.temperatures:
+        if (out / f"T{t}").exists():
+            raise UsageError(f"{out / f'T{t}'} exists (an earlier sweep?); choose another --out")
+    try:
+        reference = (metrics.load_reference(args.reference) if args.reference
+                     else metrics.model_reference(resolve_model_path(args.model)))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"reference: {reference.name}" if reference is not None else "reference: none (the model folder has no "
+          "fingerprints.npz): novelty and distribution statistics left empty; pass --reference")
+
+    def write_point(point: sweep.SweepPoint) -> None:
+        folder = out / f"T{point.temperature}"
+        folder.mkdir(exist_ok=True)
+        write_results(point.results, folder, args.format)
+
+    t0 = time.perf_counter()
+    with tqdm(total=args.n * len(args.temperatures), unit="seq", file=sys.stderr, disable=None,
+              desc="sweep") as bar:
+        points = sweep.run_sweep(gen, args.temperatures, args.n, reference, seed=args.seed, on_finished=bar.update,
+                                 on_point=write_point, elements=args.elements, ehull=args.ehull,
+                                 spacegroup=args.spacegroup, batch_size=args.batch_size, top_p=args.top_p,
+                                 min_distance=args.min_distance, charge_check=args.charge_check,
+                                 **({} if args.max_retries is None else {"max_retries": args.max_retries}))
+    rows = sweep.sweep_rows(points)
+    sweep.write_table(rows, report)
+    print(f"seed {points[0].seed}, {len(points)} temperatures x {args.n} samples, {time.perf_counter() - t0:.1f} s")
+    for point, r in zip(points, rows):
+        novel = "–" if r["novel"] is None else f"{r['novel']:.3f}"
+        print(f"T={point.temperature}: valid {r['valid']:.3f}, unique {r['unique'] or 0:.3f}, novel {novel}; "
+              f"{sum(x.valid for x in point.results)} structures written to {out / f'T{point.temperature}'}")
+    if args.plot:
+        conditions = ", ".join(filter(None, [
+            "-".join(args.elements or []), args.ehull and f"ehull {args.ehull}",
+            args.spacegroup and f"space group {args.spacegroup}",
+            args.max_retries is not None and f"max retries {args.max_retries}",
+            args.charge_check != "ionic" and f"charge check {args.charge_check}"]))
+        sweep.plot_sweep(points, args.plot, conditions or "unconditional")
+    print(f"wrote {report}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 

@@ -24,7 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from wyckoffgpt import CrystalGenerator, metrics  # noqa: E402
+from wyckoffgpt import CrystalGenerator  # noqa: E402
+from wyckoffgpt.chemistry import smact_valid  # noqa: E402
 from wyckoffgpt.data import SequenceDataset, collate  # noqa: E402
 from wyckoffgpt.training import input_features  # noqa: E402
 
@@ -63,7 +64,7 @@ def generation(gen: CrystalGenerator, n: int) -> list[dict]:
         valid = [r for r in res if r.valid]
         row = {"conditions": kw, "n": len(res), "seconds": round(time.perf_counter() - t0, 1),
                "seq_valid": len(decoded) / len(res), "dist_valid": len(valid) / len(res),
-               "smact": float(np.mean([metrics.smact_valid(r.structure.composition) for r in decoded])),
+               "smact": float(np.mean([smact_valid(r.structure.composition) for r in decoded])),
                "sg_consistent": float(np.mean(["spacegroup_mismatch" not in r.flags for r in valid]))}
         if "elements" in kw:
             row["exact_system"] = all({e.symbol for e in r.structure.composition.elements} == set(kw["elements"])

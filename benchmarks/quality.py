@@ -2,13 +2,13 @@
 
     python benchmarks/quality.py [--model DIR] [--data DATASET_DIR] [--n 1000] [--temperatures 0.7 1.0 1.3]
                                  [--ehull none low high] [--max-retries 4] [--raw] [--charge-check ionic]
-                                 [--ablation-model DIR] [--out report.json]
+                                 [--ablation-model DIR] [--reference PATH] [--out report.json]
 
 For each model, temperature and stability condition (`none`: unconditional), n samples are drawn with
 the generator's default sampler (clash retries up to --max-retries; see wyckoffgpt/sampling.py) and,
 with --raw, again without retries and without the charge check (the model's samples as drawn). The
 sampler's charge check (`--charge-check`, default the generator's "ionic"; see
-wyckoffgpt.metrics.CHARGE_CHECKS) sends compositions that fail it back too. Fractions are of all n samples for
+wyckoffgpt.chemistry.CHARGE_CHECKS) sends compositions that fail it back too. Fractions are of all n samples for
 the first three columns and of the distance-valid samples for the rest:
   seq_valid       the sequence decodes to a structure
   dist_valid      decoded, and no two atoms closer than 0.7 Å
@@ -17,10 +17,13 @@ the first three columns and of the distance-valid samples for the rest:
   sg_consistent   spglib finds the space group the sequence states
   unique          matches no earlier sample (StructureMatcher, within the same reduced formula)
   novel           matches no training crystal (StructureMatcher against the fingerprint index,
-                  within the same reduced formula)
+                  within the same reduced formula), or none of --reference's crystals
   proto_low       stability proxy: the canonical prototype (formula, space group, Wyckoff
                   letter/element multiset) occurs among low-e_hull training crystals; compare
                   `low` and `high` rows
+The counting is `wyckoffgpt.metrics.sample_set_metrics`, as in temperature sweeps; the JSON rows also
+hold its distribution statistics against the reference (Wasserstein distances of density and number
+of elements, shares per crystal system) and the rate of samples distance-valid at 0.5 Å.
 Validation NLL (nats) of the val split, per kind of target: discrete token cross-entropy (also
 split by token class), and the value heads' NLL per coordinate, length and angle; an MSE-head
 model reports its mean squared error in the regressed variable instead.
@@ -48,44 +51,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from wyckoffgpt import metrics  # noqa: E402
+from wyckoffgpt.chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid  # noqa: E402
+from wyckoffgpt.descriptions import prototype_key, structure_prototype  # noqa: E402
 from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex, build_fingerprint_index  # noqa: E402
 from wyckoffgpt.generation import CrystalGenerator, GeneratedCrystal, resolve_model_path  # noqa: E402
-from wyckoffgpt.metrics import CHARGE_CHECKS  # noqa: E402
 from wyckoffgpt.sampling import MAX_RETRIES  # noqa: E402
 
 SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique", "novel", "proto_low")
 
 
-def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index: FingerprintIndex) -> dict:
+def sample_metrics(results: list[GeneratedCrystal], gen: CrystalGenerator, index: FingerprintIndex,
+                   reference: metrics.ReferenceSet) -> dict:
     t0 = time.perf_counter()
-    valid = [r for r in results if r.distance_valid]  # `r.valid` also requires the charge check
-    structures = [r.structure for r in valid]
-    smact = [r.structure is not None and metrics.smact_valid(r.structure.composition) for r in results]
-    unique = metrics.unique_flags(structures)
+    m = metrics.sample_set_metrics(results, reference)
     t1 = time.perf_counter()
-    novel = metrics.novel_flags(structures, index)
-    t2 = time.perf_counter()
+    valid = [results[k] for k in m.valid_index]
     # Canonical re-encoding: the key of the crystal actually produced, in the same canonical form
     # the training keys were built from; the sampled sequence's own key if it cannot be encoded.
-    keys = [metrics.structure_prototype(r.structure, gen.tokenizer)
-            or metrics.prototype_key(gen.tokenizer.parse(r.sequence)) for r in valid]
+    keys = [structure_prototype(r.structure, gen.tokenizer)
+            or prototype_key(gen.tokenizer.parse(r.sequence)) for r in valid]
     proto = metrics.low_prototype_flags(keys, index)
+    row = m.row()
     out = {
-        "n": len(results),
-        "n_dist_valid": len(valid),
-        "seq_valid": metrics.fraction([r.structure is not None for r in results]),
-        "dist_valid": len(valid) / len(results),
-        "smact": metrics.fraction(smact),
-        "sg_consistent": metrics.fraction(["spacegroup_mismatch" not in r.flags for r in valid]),
-        "unique": metrics.fraction(unique),
-        "novel": metrics.fraction(novel),
-        "unique_novel": metrics.fraction([u and v for u, v in zip(unique, novel)]),
+        "n": m.n,
+        "n_dist_valid": m.valid,
+        "seq_valid": row["decoded"],
+        "dist_valid": row["valid"],
+        "smact": row["smact_valid"],
+        **{k: row[k] for k in ("sg_consistent", "unique", "novel", "unique_novel")},
         "proto_low": metrics.fraction(proto),
         "sampled_low": metrics.fraction([r.sequence.tokens[1] == "ehull:low" for r in results]),
+        "dist_valid_0.5": row["dist_valid_0.5"],
+        **{k: v for k, v in row.items() if k.startswith(("wasserstein_", "share_", "crystal_system_"))},
     }
-    out["seconds_unique"] = round(t1 - t0, 1)
-    out["seconds_novel"] = round(t2 - t1, 1)
-    out["seconds_proto"] = round(time.perf_counter() - t2, 1)
+    out["seconds_metrics"] = round(t1 - t0, 1)
+    out["seconds_proto"] = round(time.perf_counter() - t1, 1)
     return out
 
 
@@ -142,16 +142,17 @@ def training_reference(index: FingerprintIndex) -> dict:
     high = ~index.low_ehull
     return {
         "split": "train", "crystals": len(index),
-        "smact": metrics.fraction([metrics.smact_valid(f) for f in index.formulas()]),
+        "smact": metrics.fraction([smact_valid(f) for f in index.formulas()]),
         # What the default charge check would turn away among real crystals.
-        "ionic_check": metrics.fraction([metrics.passes_charge_check(f, "ionic") for f in index.formulas()]),
+        "ionic_check": metrics.fraction([passes_charge_check(f, "ionic") for f in index.formulas()]),
         # How often the proxy fires for known high-e_hull crystals: the proxy's floor.
         "proto_low_of_high_entries": metrics.fraction([index.prototype(i) in index.low_prototypes
                                                        for i in np.flatnonzero(high)]),
     }
 
 
-def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, data_dir: str | None) -> dict:
+def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, reference: metrics.ReferenceSet,
+                   data_dir: str | None) -> dict:
     gen = CrystalGenerator.from_pretrained(folder, device=args.device, cpu_threads=1)
     rows = []
     # Each setting with the default sampler and, with --raw, again without clash retries (same seed).
@@ -165,7 +166,7 @@ def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, data_d
         t_sample = time.perf_counter() - t0
         row = {"model": name, "temperature": temperature, "ehull": ehull, "max_retries": retries,
                "charge_check": args.charge_check if retries else "off",
-               **sample_metrics(results, gen, index), "seconds_sample": round(t_sample, 1),
+               **sample_metrics(results, gen, index, reference), "seconds_sample": round(t_sample, 1),
                "mean_retries": float(np.mean([r.retries for r in results]))}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"  {name} T={temperature} ehull={ehull} retries<={retries}: " + ", ".join(
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--data", help="tokenized dataset folder: val split for the NLL, train split for an index")
     p.add_argument("--index", help="fingerprint index file (default: MODEL/fingerprints.npz)")
+    p.add_argument("--reference", help="novelty and distribution statistics against this set instead of the index: "
+                                       "a prepared dataset folder (train split), a CSV of CIFs, a folder of .cif files")
     p.add_argument("--n", type=int, default=1000, help="samples per setting")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.3])
     p.add_argument("--ehull", nargs="+", default=["none", "low", "high"], choices=["none", "low", "high"])
@@ -263,13 +266,19 @@ def main(argv: list[str] | None = None) -> int:
             index_path = build_fingerprint_index(data_dir, Path(tmp) / INDEX_FILE)
         index = FingerprintIndex.load(index_path)  # read fully into memory: the temp file may go
 
+    try:
+        reference = (metrics.load_reference(args.reference) if args.reference
+                     else metrics.ReferenceSet.from_index(index, f"fingerprint index {index_source} "
+                                                                 f"({len(index)} training crystals)"))
+    except ValueError as e:
+        raise SystemExit(f"quality.py: {e}") from None
     report = {"command": "python " + shlex.join(sys.argv), "date": datetime.date.today().isoformat(),
-              "n": args.n, "index": {**index.meta, "path": index_source}, "data": data_dir,
+              "n": args.n, "index": {**index.meta, "path": index_source}, "reference": reference.name, "data": data_dir,
               "training": training_reference(index), "models": []}
     nll_data = None if args.no_nll else data_dir
-    report["models"].append(evaluate_model("model", args.model, args, index, nll_data))
+    report["models"].append(evaluate_model("model", args.model, args, index, reference, nll_data))
     if args.ablation_model:
-        report["models"].append(evaluate_model("ablation", args.ablation_model, args, index, nll_data))
+        report["models"].append(evaluate_model("ablation", args.ablation_model, args, index, reference, nll_data))
     report["seconds"] = round(time.perf_counter() - start, 1)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

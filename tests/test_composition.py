@@ -36,7 +36,7 @@ def test_features_count_atoms_per_declared_element():
 
 
 def test_charge_column_says_whether_the_atoms_placed_so_far_are_balanced():
-    from wyckoffgpt.metrics import smact_valid
+    from wyckoffgpt.chemistry import smact_valid
 
     a, b_, c = (VOCAB.group(225).by_letter[x].orbit for x in "abc")  # Fm-3m: 4a, 4b, 8c
     # Site by site: Cl4 alone (an element: SMACT passes it), Na4Cl4, then Na4Cl12, not balanced.

@@ -154,7 +154,7 @@ def test_real_process_exit_code_and_single_line(tmp_path):
 
 
 def test_charge_check_smact_writes_only_smact_valid_crystals(model_dir, tmp_path, capsys):
-    from wyckoffgpt.metrics import smact_valid
+    from wyckoffgpt.chemistry import smact_valid
 
     out = tmp_path / "run"
     code, stdout, err = run(["--model", model_dir, "--elements", "Na", "Cl", "O", "-n", 24, "--batch-size", 12,
@@ -170,7 +170,7 @@ def test_charge_check_smact_writes_only_smact_valid_crystals(model_dir, tmp_path
 
 
 def test_charge_check_off_keeps_the_compositions_the_model_drew(model_dir, tmp_path, capsys):
-    from wyckoffgpt.metrics import passes_charge_check
+    from wyckoffgpt.chemistry import passes_charge_check
 
     args = ["--model", model_dir, "--elements", "Na", "Cl", "O", "-n", 24, "--batch-size", 12, "--seed", 1,
             "--max-retries", 0]
@@ -192,7 +192,7 @@ def test_charge_check_off_keeps_the_compositions_the_model_drew(model_dir, tmp_p
 def test_cli_offers_exactly_the_librarys_charge_checks(capsys):
     # generate.py spells the choices out so that `--help` needs no pymatgen import; they must stay the
     # library's, or a check would be missing from the CLI.
-    from wyckoffgpt.metrics import CHARGE_CHECKS
+    from wyckoffgpt.chemistry import CHARGE_CHECKS
 
     assert [CLI.parse_args(["--charge-check", c]).charge_check for c in CHARGE_CHECKS] == list(CHARGE_CHECKS)
     assert CLI.parse_args([]).charge_check == CHARGE_CHECKS[0]  # the library's default, "ionic"

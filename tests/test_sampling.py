@@ -289,7 +289,7 @@ def test_retries_raise_the_distance_valid_fraction(generator):
 
 @pytest.mark.parametrize("check", ["ionic", "smact"])
 def test_charge_check_resamples_sites_and_writes_only_crystals_that_pass(generator, check):
-    from wyckoffgpt.metrics import passes_charge_check, smact_valid
+    from wyckoffgpt.chemistry import passes_charge_check, smact_valid
 
     # Li-Fe-O from a random model: many compositions are not charge-neutral as first drawn.
     kwargs = dict(elements=["Li", "Fe", "O"], seed=4, batch_size=16, check_unique=False, max_retries=4)
@@ -306,7 +306,7 @@ def test_charge_check_resamples_sites_and_writes_only_crystals_that_pass(generat
 
 
 def test_ionic_charge_check_is_the_default_and_leaves_intermetallics_alone(generator):
-    from wyckoffgpt.metrics import passes_charge_check
+    from wyckoffgpt.chemistry import passes_charge_check
 
     kwargs = dict(seed=5, batch_size=16, check_unique=False)
     default = generator.generate(16, elements=["Li", "Fe", "O"], **kwargs)

@@ -35,7 +35,7 @@ def feature_size(slots: int, charge: bool = False) -> int:
 @lru_cache(maxsize=None)
 def _charge_balanced(placed: tuple[tuple[str, int], ...]) -> bool:
     """SMACT validity of the placed atoms ((symbol, count), ...)."""
-    from .metrics import smact_valid  # pymatgen and smact: only for models that read this feature
+    from .chemistry import smact_valid  # pymatgen and smact: only for models that read this feature
 
     return smact_valid("".join(f"{el}{c}" for el, c in placed))  # it reduces the formula itself
 

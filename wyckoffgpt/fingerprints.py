@@ -4,7 +4,7 @@ One compressed .npz shipped next to the model (`fingerprints.npz`). It holds the
 sequences themselves, since a token sequence is an exact, invertible description of its crystal
 (ids int16, plus float32 values of the value tokens only; the other positions are NaN by
 definition), sorted by reduced formula so that one formula's entries form one contiguous block.
-Per entry it also keeps the material id, the prototype key (metrics.prototype_key) and whether the
+Per entry it also keeps the material id, the prototype key (descriptions.prototype_key) and whether the
 entry is low-e_hull (its stability token). A novelty check decodes only the block of the sample's
 formula and runs StructureMatcher against it.
 
@@ -28,7 +28,7 @@ from pymatgen.core import Structure
 from .atomic import atomic_write
 from .data import SequenceDataset, load_meta
 from .grammar import DecodeError, parse
-from .metrics import description_composition, prototype_key
+from .descriptions import description_composition, prototype_key
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import Vocab, default_vocab
 

@@ -22,7 +22,8 @@ from pymatgen.core import Element, Structure
 
 from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure, find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDescription, check_conditions
-from .metrics import CHARGE_CHECKS, description_composition, passes_charge_check, smact_valid
+from .chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
+from .descriptions import description_composition
 from .sampling import MAX_RETRIES, Sampler
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import STABILITY_TOKENS, Vocab, default_vocab
@@ -64,7 +65,7 @@ class GeneratedCrystal:
     "duplicate" (matches an earlier valid sample), "filter_error" (the checks failed numerically; the
     structure is then also marked "too_close" so it is not written), "not_charge_balanced" (the
     composition failed the generator's charge check and the retries did not mend it; not written).
-    charge_balanced: the composition passes SMACT (`wyckoffgpt.metrics.smact_valid`), whatever
+    charge_balanced: the composition passes SMACT (`wyckoffgpt.chemistry.smact_valid`), whatever
     charge check was in force; None when the sequence did not decode."""
 
     index: int
@@ -280,7 +281,7 @@ class CrystalGenerator:
         `ehull`: "low" | "high" | None (sampled); `spacegroup`: 1-230 or None (sampled).
         `max_retries`: how often a sequence whose atoms clash (closer than `min_distance`) is sent
         back to the site where the clash begins and sampled again from there (0: raw model samples).
-        `charge_check` ("ionic" | "smact" | "off", see `wyckoffgpt.metrics.CHARGE_CHECKS`): a sequence
+        `charge_check` ("ionic" | "smact" | "off", see `wyckoffgpt.chemistry.CHARGE_CHECKS`): a sequence
         whose composition fails it is drawn again after the given conditions, within the same retries;
         what still fails is flagged "not_charge_balanced" and not valid. The default, "ionic", asks
         oxides, nitrides, chalcogenides and halides for a charge-neutral set of oxidation states and
