@@ -74,19 +74,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Checks that need no model, done before the (slow) model load."""
-    if args.n <= 0:
-        raise UsageError(f"-n must be positive, got {args.n}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if args.batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
-    if not args.min_distance >= 0:
-        raise UsageError(f"--min-distance must be >= 0, got {args.min_distance}")
-    if args.max_retries is not None and args.max_retries < 0:
-        raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
+    """Every check that needs no model, before the (slow) model load and before anything is written;
+    the sampling settings by the library's own checks."""
+    from wyckoffgpt.generation import InputError, check_sampling_arguments, normalize_elements
+
+    try:
+        if args.elements is not None:
+            normalize_elements(args.elements)
+        for temperature in args.temperatures or [args.temperature]:
+            check_sampling_arguments(args.n, temperature, args.batch_size, args.top_p, args.min_distance,
+                                     0 if args.max_retries is None else args.max_retries, args.charge_check,
+                                     args.seed)
+    except InputError as e:
+        raise UsageError(str(e)) from None
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
+    if args.out is not None and args.out.is_dir() and any(args.out.iterdir()):
+        raise UsageError(f"--out {args.out} already holds files (an earlier run?); choose a new or empty folder")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
     if args.temperatures is not None or args.report or args.plot or args.reference:
         check_sweep_args(args)
     if args.device is not None:

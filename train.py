@@ -17,8 +17,14 @@ import sys
 from typing import Any
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage block
+        print(f"train.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", help="tokenized dataset folder (meta.json + arrays)")
     p.add_argument("--out", help="output folder for checkpoints, logs and the final model")
     p.add_argument("--config", help="YAML file with training settings (TrainConfig keys)")
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = train_config_from_dict(settings(args))
         summary = train(cfg)
     except (TrainingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     if summary.get("exported") and state.is_main_process:
         print(f"done: {summary['step']} steps, stop reason: {summary['stop_reason']}")

@@ -110,8 +110,33 @@ def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, w
     return report
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage block
+        print(f"prepare.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """InputError for a value out of range or an --out that cannot or must not be written, before any
+    work: an earlier dataset is never overwritten."""
+    for name, lowest in (("limit", 1), ("workers", 1), ("max_sites", 1), ("seed", 0)):
+        value = getattr(args, name)
+        if value is not None and value < lowest:
+            raise InputError(f"--{name.replace('_', '-')} must be >= {lowest}, got {value}")
+    if not args.symprec > 0:
+        raise InputError(f"--symprec must be > 0 Å, got {args.symprec}")
+    if not Path(args.input).exists():
+        raise InputError(f"--input {args.input} does not exist")
+    out = Path(args.out)
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot write to --out {out}: {existing} is a file")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"--out {out} already holds files (an earlier dataset?); choose a new or empty folder")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="CSV with a cif column, folder of .cif files, or extxyz")
     parser.add_argument("--out", required=True, help="dataset folder to write")
     parser.add_argument("--limit", type=int, help="read at most this many rows")
@@ -122,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-p1", action="store_true", help="keep structures without symmetry (P1)")
     args = parser.parse_args(argv)
     try:
+        check_arguments(args)
         report = prepare(args.input, args.out, args.limit, args.workers, args.seed, symprec=args.symprec,
                          max_sites=args.max_sites, keep_p1=args.keep_p1)
     except (InputError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"prepare.py: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
     return 0

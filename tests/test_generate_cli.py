@@ -99,28 +99,17 @@ def corrupt_models(model_dir: Path, tmp: Path) -> dict[str, Path]:
     return {"bad_json": bad_json, "truncated": truncated, "empty": empty}
 
 
-BAD_INPUTS = {
-    "unknown element": (["--elements", "Al", "Xx"], "unknown element"),
-    "element not in vocab": (["--elements", "Og"], "not in the model's vocabulary"),
-    "sg 0": (["--spacegroup", "0"], "1-230"),
-    "sg 231": (["--spacegroup", "231"], "1-230"),
-    "sg impossible for elements": (["--elements", "H", "Li", "Be", "B", "C", "N", "O", "F", "--spacegroup", "228"],
-                                   "cannot hold 8 elements"),
-    "n zero": (["-n", "0"], "-n must be positive"),
-    "n negative": (["-n", "-3"], "-n must be positive"),
-    "temperature zero": (["--temperature", "0"], "temperature"),
-    "temperature negative": (["--temperature", "-1"], "temperature"),
-    "n not a number": (["-n", "many"], "invalid int"),
-}
+def test_library_checks_arguments_at_the_call_not_at_the_first_item(model_dir):
+    # A bad argument must fail where the call is written, not later wherever the iterator is drawn.
+    from wyckoffgpt.generation import CrystalGenerator, InputError
 
-
-@pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_one_line_exit_2(name, model_dir, tmp_path, capsys):
-    args, expected = BAD_INPUTS[name]
-    code, stdout, err = run(["--model", model_dir, "--out", tmp_path / "out", *args], capsys)
-    assert code == 2
-    assert len(err.strip().splitlines()) == 1 and expected in err, err
-    assert "Traceback" not in err
+    gen = CrystalGenerator.from_pretrained(model_dir)
+    for bad in ({"top_p": 1.5}, {"temperature": 0}, {"elements": ["Al", "Al"]}, {"seed": -1}, {"n": 0}):
+        kwargs = {"n": 2, **bad}
+        with pytest.raises(InputError):
+            gen.iter_generate(**kwargs)  # never advanced
+        with pytest.raises(InputError):
+            gen.generate(**kwargs)
 
 
 @pytest.mark.parametrize("kind", ["missing", "bad_json", "truncated", "empty", "unwritable_out"])
@@ -150,7 +139,7 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "-n", "0", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["generate.py: error: -n must be positive, got 0"]
+    assert proc.stderr.strip().splitlines() == ["generate.py: error: number of samples must be a positive integer, got 0"]
 
 
 def test_charge_check_smact_writes_only_smact_valid_crystals(model_dir, tmp_path, capsys):

@@ -9,6 +9,8 @@ its decoding and filter outcome in `flags`, so nothing is dropped without a trac
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 import re
 import secrets
@@ -25,6 +27,7 @@ from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDes
 from .chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
 from .descriptions import description_composition
 from .sampling import MAX_RETRIES, Sampler
+from .structure_io import InputError
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import STABILITY_TOKENS, Vocab, default_vocab
 
@@ -52,8 +55,6 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class InputError(ValueError):
-    """Bad user input or an unusable model; the one-line message says what and how to fix it."""
 
 
 @dataclass
@@ -97,15 +98,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def normalize_elements(elements: Sequence[str]) -> list[str]:
-    """Element symbols checked against the periodic table (any capitalisation), duplicates dropped."""
+    """Element symbols checked against the periodic table (any capitalisation). An element given
+    twice is an error, not silently merged: `Al Al` is more likely a typo for another element."""
+    if isinstance(elements, str):
+        raise InputError(f"elements must be a list of symbols, e.g. ['Al', 'Ca'], got the string {elements!r}")
     out: list[str] = []
     for raw in elements:
-        sym = raw.strip()
+        sym = str(raw).strip()
         sym = sym[:1].upper() + sym[1:].lower()
         if not Element.is_valid_symbol(sym):
             raise InputError(f"unknown element symbol {raw!r}")
-        if sym not in out:
-            out.append(sym)
+        if sym in out:
+            raise InputError(f"element {sym} is given twice")
+        out.append(sym)
     if not out:
         raise InputError("--elements needs at least one element symbol")
     return out
@@ -151,6 +156,36 @@ def resolve_model_path(path_or_repo_id: str | Path | None) -> Path:
             raise InputError(f"model {text!r} is neither a folder nor an available Hub repository "
                              f"({_first_line(e)})") from None
     raise InputError(f"model folder {path} does not exist")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value) and int(value) == value
+
+
+def check_sampling_arguments(n: int, temperature: float, batch_size: int, top_p: float | None,
+                             min_distance: float, max_retries: int, charge_check: str, seed: int | None) -> None:
+    """InputError naming the first sampling argument out of range (the conditions are checked by
+    `CrystalGenerator.conditions`, against the model's vocabulary)."""
+    if not _is_int(n) or n <= 0:
+        raise InputError(f"number of samples must be a positive integer, got {n}")
+    if not (_is_number(temperature) and 0 < temperature < math.inf):
+        raise InputError(f"temperature must be a finite number > 0, got {temperature}")
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise InputError(f"batch size must be a positive integer, got {batch_size}")
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if not (_is_number(min_distance) and 0 <= min_distance < math.inf):
+        raise InputError(f"minimum distance must be a finite number of Å >= 0, got {min_distance}")
+    if not _is_int(max_retries) or max_retries < 0:
+        raise InputError(f"max_retries must be a non-negative integer, got {max_retries}")
+    if charge_check not in CHARGE_CHECKS:
+        raise InputError(f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {charge_check!r}")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed}")
 
 
 class CrystalGenerator:
@@ -236,24 +271,21 @@ class CrystalGenerator:
                       min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
                       on_finished: Callable[[int], None] | None = None,
                       max_retries: int = MAX_RETRIES, charge_check: str = "ionic") -> Iterator[GeneratedCrystal]:
-        """Like `generate`, one result at a time as batches finish, without duplicate marking."""
-        if isinstance(n, bool) or int(n) != n or n <= 0:
-            raise InputError(f"number of samples must be a positive integer, got {n}")
-        if not temperature > 0:
-            raise InputError(f"temperature must be > 0, got {temperature}")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
-            raise InputError(f"batch size must be a positive integer, got {batch_size}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {top_p}")
-        if isinstance(max_retries, bool) or int(max_retries) != max_retries or max_retries < 0:
-            raise InputError(f"max_retries must be a non-negative integer, got {max_retries}")
-        if charge_check not in CHARGE_CHECKS:
-            raise InputError(f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {charge_check!r}")
+        """Like `generate`, one result at a time as batches finish, without duplicate marking. The
+        arguments are checked here, at the call (InputError), not when the first result is drawn."""
+        check_sampling_arguments(n, temperature, batch_size, top_p, min_distance, max_retries, charge_check, seed)
         cond = self.conditions(elements, ehull, spacegroup)
         self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
+        return self._samples(n, cond, temperature, seed, batch_size, top_p, min_distance, symprec, on_finished,
+                             int(max_retries), charge_check)
+
+    def _samples(self, n: int, cond: Conditions, temperature: float, seed: int, batch_size: int,
+                 top_p: float | None, min_distance: float, symprec: float,
+                 on_finished: Callable[[int], None] | None, max_retries: int,
+                 charge_check: str) -> Iterator[GeneratedCrystal]:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance,
-                          max_retries=int(max_retries),
+                          max_retries=max_retries,
                           accept_sites=None if charge_check == "off" else functools.partial(_passes, charge_check))
         index = 0
         while index < n:

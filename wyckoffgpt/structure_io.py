@@ -24,7 +24,9 @@ class Record:
 
 
 class InputError(ValueError):
-    """The input as a whole cannot be read (missing file, no cif column, empty file)."""
+    """Input that cannot be used, with a one-line message naming the problem: a file that cannot be
+    read as a whole (missing, no cif column, empty), a model folder, a sampling setting. The one
+    error type that the library raises for bad input and that the command lines turn into exit 2."""
 
 
 def iter_records(path: str | Path, limit: int | None = None) -> Iterator[Record]:

@@ -25,6 +25,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+import types
+import typing
 from typing import Any
 
 import numpy as np
@@ -56,8 +58,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    data_dir: str
-    out_dir: str
+    data_dir: str | os.PathLike
+    out_dir: str | os.PathLike
     model_preset: str = "small"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # any WyckoffGPTConfig field
     init_from: str | None = None  # start from a saved model folder instead of random weights
@@ -105,23 +107,70 @@ def _fail(message: str) -> TrainingError:
     return TrainingError(message)
 
 
+# The lowest value each numeric setting may take (every one of them also has a type to match).
+_AT_LEAST: dict[str, float] = {
+    "grad_accum_steps": 1, "epochs": 1, "batch_size": 1, "max_steps": 1, "length_sorted_pieces": 1,
+    "eval_batch_size": 1, "patience": 1, "keep_last_checkpoints": 1, "log_every": 1, "stop_at_step": 1,
+    "eval_every": 0, "save_every": 0, "seed": 0, "grad_clip": 0.0, "weight_decay": 0.0, "min_delta": 0.0,
+}  # fmt: skip
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations TrainConfig uses (unions, int, float, bool, str, dict, tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_matches, value, args))
+    if origin is not None:
+        return isinstance(value, origin)
+    return hint is Any or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
 def _validate(cfg: TrainConfig) -> None:
+    """TrainingError naming the first setting of a wrong type or out of range."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _matches(value, hints[f.name]):
+            raise _fail(f"{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
+        if f.name in _AT_LEAST and value is not None and value < _AT_LEAST[f.name]:
+            raise _fail(f"{f.name} must be >= {_AT_LEAST[f.name]}, got {value}")
+    if cfg.max_lr is not None and not cfg.max_lr > 0:
+        raise _fail(f"max_lr must be > 0, got {cfg.max_lr}")
+    if not 0 <= cfg.warmup_frac < 1 or not 0 <= cfg.final_lr_frac <= 1:
+        raise _fail(f"warmup_frac must be in [0, 1) and final_lr_frac in [0, 1], got {cfg.warmup_frac}, "
+                    f"{cfg.final_lr_frac}")
     if cfg.model_preset not in PRESETS:
         raise _fail(f"unknown model preset {cfg.model_preset!r}; valid presets: {', '.join(PRESETS)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise _fail(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    if cfg.length_sorted_pieces is not None and cfg.length_sorted_pieces < 1:
-        raise _fail(f"length_sorted_pieces must be >= 1, got {cfg.length_sorted_pieces}")
-    for name in ("grad_accum_steps", "epochs"):
-        if getattr(cfg, name) < 1:
-            raise _fail(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise _fail(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise _fail(f"max_steps must be >= 1, got {cfg.max_steps}")
     unknown = set(cfg.model_overrides) - {f for f in WyckoffGPTConfig().to_dict()} - set(PRESETS["tiny"])
     if unknown:
         raise _fail(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+    _check_out_dir(Path(cfg.out_dir), cfg.resume)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    """--out must be creatable, and must not hold an earlier run's model unless resuming it (its
+    checkpoints are checked once they are read)."""
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        raise _fail(f"cannot write to --out {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise _fail(f"cannot write to --out {out}: {existing} is not writable")
+    if not resume and (out / "model.safetensors").exists():
+        raise _fail(f"{out} already holds a trained model; choose another --out (or --resume an interrupted run)")
 
 
 def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
