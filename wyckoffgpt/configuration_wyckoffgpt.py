@@ -12,18 +12,18 @@ from transformers import PreTrainedConfig
 
 # Architecture presets. Vocabulary fields are not part of a preset: they come from the dataset.
 # `small` is sized for CPU training: d=256 keeps every matmul big enough to run near the CPU's
-# peak rate while a step on a batch of 32 sequences of ~64 tokens stays well under a second.
+# peak rate while a step stays short.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_mixture=4, value_basis_size=16, max_position_embeddings=128),
-    # The bundled model's shape. Dropout is what lets it train 45 epochs without over-fitting: val
-    # loss 0.338, against 0.413 for the best run without it (its model card lists the runs).
+    # The bundled model's shape. Dropout is what lets it train for many epochs without over-fitting
+    # (its model card compares the runs with and without it).
     "small": dict(n_layer=6, n_head=8, n_embd=256, n_mixture=8, value_basis_size=64, max_position_embeddings=256,
                   dropout=0.1, composition_slots=8),
     "paper": dict(n_layer=12, n_head=16, n_embd=512, n_mixture=8, value_basis_size=128, max_position_embeddings=256),
 }
 
 # Training defaults that go with each preset (batch size in sequences per process and step). The
-# small preset's are the bundled model's recipe: 45 epochs of these reach val loss 0.338.
+# small preset's are the bundled model's recipe (its card has the command and the losses).
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "tiny": dict(batch_size=32, max_lr=1e-3, weight_decay=1e-3),
     "small": dict(batch_size=128, max_lr=1e-3, weight_decay=0.1),
@@ -41,6 +41,45 @@ class WyckoffGPTConfig(PreTrainedConfig):
     values in [0, 1), periodic), lattice lengths (`length_token_ids`, Å, > 0) and lattice angles
     (`angle_token_ids`, degrees, in (0, 180)). `vocab_hash` identifies the vocabulary so that a dataset
     built with another vocabulary is refused instead of silently mis-read.
+
+    Args:
+        vocab_size (`int`, defaults to 64): number of tokens; set from the vocabulary (the dataset's
+            `meta.json` or `Vocab.model_fields()`), like the next seven arguments.
+        pad_token_id, bos_token_id, eos_token_id (`int`, defaults to 0, 1, 2): ids of `<pad>`, `<bos>`, `<eos>`.
+        coord_token_ids (`list[int]`, defaults to none): ids of the tokens that carry a fractional
+            coordinate (`x=`, `y=`, `z=`), a value in [0, 1) on the circle.
+        length_token_ids (`list[int]`, defaults to none): ids of the lattice-length tokens (`a=`, `b=`,
+            `c=`), values in Å.
+        angle_token_ids (`list[int]`, defaults to none): ids of the lattice-angle tokens, values in degrees.
+        vocab_hash (`str`, defaults to ""): identity of the vocabulary the model was trained on.
+        n_layer (`int`, defaults to 2): transformer blocks.
+        n_head (`int`, defaults to 4): attention heads per block; must divide `n_embd`.
+        n_embd (`int`, defaults to 64): width of the residual stream.
+        mlp_ratio (`int`, defaults to 4): hidden width of each block's MLP, as a multiple of `n_embd`.
+        dropout (`float`, defaults to 0.0): dropout probability on embeddings, attention and MLP outputs.
+        max_position_embeddings (`int`, defaults to 128): longest sequence, in tokens (a hard limit only
+            for learned positions).
+        position_embedding (`str`, defaults to "sinusoidal"): "sinusoidal" (fixed) or "learned".
+        continuous_head (`str`, defaults to "mixture"): "mixture" (a mixture density per value: wrapped
+            normals for coordinates, normals of log(Å) for lengths and of logit(angle / 180°) for angles)
+            or "mse" (a point estimate, no sampling temperature).
+        n_mixture (`int`, defaults to 4): components of each value mixture.
+        value_basis_size (`int`, defaults to 16): Gaussian basis functions per scale in the value input
+            embedding (Matra-Genoa paper, IV.B): as many centres on a linear scale over [0, 1] as on
+            |log v| over [0, `value_log_max`].
+        value_basis_sigma_lin (`float`, defaults to the centre spacing 1 / (value_basis_size - 1)):
+            width of the linear-scale basis functions, in units of the scaled value.
+        value_basis_sigma_log (`float`, defaults to the centre spacing value_log_max / (value_basis_size - 1)):
+            width of the log-scale basis functions, in units of log v.
+        value_log_max (`float`, defaults to 6.0): upper end of the log-scale centres.
+        length_scale (`float`, defaults to 30.0): Å; lengths are divided by it before the linear basis.
+        initializer_range (`float`, defaults to 0.02): standard deviation of the initial weights.
+        composition_slots (`int`, defaults to 0): > 0: the model also reads the running composition
+            (atoms placed so far per element, `wyckoffgpt.composition`) for this many element slots, as
+            the `composition` input; 0: tokens and values only (the paper's inputs).
+        charge_feature (`bool`, defaults to False): with `composition_slots`, also whether the atoms
+            placed so far pass SMACT charge balance.
+        tie_word_embeddings (`bool`, defaults to True): the output layer shares the token embedding.
     """
 
     model_type = "wyckoffgpt"
