@@ -188,3 +188,16 @@ def test_cli_formula_writes_only_that_formula(model_dir, tmp_path, capsys):
     files = sorted(out.glob("*.cif"))
     assert files
     assert {Structure.from_file(f).composition.reduced_formula for f in files} == {"Ca2AlCu2"}
+
+
+def test_csp_summary_counts_first_candidate_for_k1_and_best_match_for_k():
+    spec = importlib.util.spec_from_file_location("csp_bench", REPO / "benchmarks" / "csp.py")
+    csp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(csp)
+    rows = [{"rms": [None, 0.2, 0.1], "seconds": 1.0, "match_seconds": 0.1, "valid": 3, "formula_exact": True},
+            {"rms": [0.3, None, None], "seconds": 3.0, "match_seconds": 0.1, "valid": 2, "formula_exact": True},
+            {"rms": [None, None, None], "seconds": 2.0, "match_seconds": 0.1, "valid": 0, "formula_exact": True}]
+    s = csp.summarize(rows, 3)
+    assert s["match_rate_k1"] == pytest.approx(1 / 3) and s["match_rate_k3"] == pytest.approx(2 / 3)
+    assert s["rms_k1"] == pytest.approx(0.3) and s["rms_k3"] == pytest.approx((0.1 + 0.3) / 2)
+    assert s["seconds_per_formula"] == pytest.approx(2.0)

@@ -18,6 +18,14 @@ a position while a lighter declared element was still missing, a state that no t
 continues from: the model, unable to place the missing element "in order", kept adding sites of the
 others (the default model's runaway samples, e.g. 17 Gd sites before the one Si). `parse` uses
 none of this: it accepts every grammatical sequence.
+
+Two conditions fix more than the prompt. An exact formula (`Conditions.formula`): a site, an element
+or the lattice is allowed only when the atoms each element still needs, for some allowed number of
+formula units, can be made up from the multiplicities of the positions still available
+(stoichiometry.py), and space groups that cannot hold the formula at all are masked. Forced Wyckoff
+sites (`Conditions.sites`): the forced sites are taken in canonical order; with `complete_sites`
+other sites may come between them, as long as the order leaves every forced site its place and the
+limits leave room for those still missing.
 """
 from __future__ import annotations
 
