@@ -129,6 +129,7 @@ BAD = {
     "formula unparseable": ({"formula": "Ca2AlCu2x"}, "not a chemical formula"),
     "formula unknown element": ({"formula": "Xx2O"}, "unknown element"),
     "formula impossible": ({"formula": "Ca2AlCu2", "formula_units": [1], "spacegroup": 225}, "cannot hold"),
+    "formula units not integers": ({"formula": "NaCl", "formula_units": ["two"]}, "positive integers"),
     "wyckoff malformed": ({"wyckoff": "225 Na 4a"}, "expected '<space group>:"),
     "wyckoff bad site": ({"wyckoff": "225: Na 4a Cl 4b"}, "is not '<element> <position>'"),
     "wyckoff unknown position": ({"wyckoff": "225: Na 4q"}, "has no position 'q'"),

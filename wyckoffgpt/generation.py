@@ -258,9 +258,11 @@ class CrystalGenerator:
             els, counts = parse_formula(formula, self.vocab)
             units = None
             if formula_units is not None:
-                units = tuple(sorted({int(k) for k in formula_units}))
-                if not units or units[0] < 1 or any(int(k) != k for k in formula_units):
-                    raise ConditioningError(f"formula units must be positive integers, got {list(formula_units)}")
+                given = list(formula_units)
+                if not given or any(isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or k < 1
+                                    for k in given):
+                    raise ConditioningError(f"formula units must be positive integers, got {given}")
+                units = tuple(sorted({int(k) for k in given}))
             extra = {"elements": els, "formula": counts, "formula_units": units}
         elif wyckoff is not None:
             number, sites = parse_wyckoff(wyckoff, self.vocab)
