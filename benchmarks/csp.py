@@ -128,7 +128,7 @@ def predict(item: tuple[int, str, object]) -> dict:
     target = _structure(rec)
     formula, per_unit = target.composition.get_reduced_formula_and_factor()
     prim = target.get_primitive_structure()
-    z_prim = int(round(len(prim) / (len(target) / per_unit)))
+    z_prim = round(len(prim) / (len(target) / per_unit))
     units = sorted({z_prim * c for c in CENTRINGS})
     t0 = time.perf_counter()
     results = _GEN.generate(_OPTS["k"], formula=formula, formula_units=units, ehull="low",

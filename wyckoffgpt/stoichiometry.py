@@ -15,13 +15,13 @@ element is an unbounded coin change over the repeatable multiplicities.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from itertools import product
 
 from .vocab import SpaceGroupTable
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fewest_coins(denominations: tuple[int, ...], cap: int) -> tuple[float, ...]:
     """best[c]: fewest multiplicities (with repetition) from `denominations` summing to c, c <= cap."""
     best = [0.0] + [math.inf] * cap
