@@ -2,6 +2,9 @@
 
     python generate.py --elements Al Ca Cu --ehull low [-n 100] [--spacegroup 225] [--model DIR]
     python generate.py --temperatures 0.7 1.0 1.3 -n 300 --report sweep.csv --plot sweep.png --out DIR
+    python generate.py --formula Ca2AlCu2 --formula-units 1,2,4 --ehull low
+    python generate.py --wyckoff "225: Na 4a, Cl 4b" [--complete-sites]
+    python generate.py --prompt "<bos> ehull:low n:2 Na Cl sg:225 w22a Na"
 
 Writes one file per valid structure (decoded, no atoms closer than the distance threshold, composition
 passing the charge check) to --out, plus summary.csv with every sample and its flags, and prints a
@@ -41,6 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--elements", nargs="+", metavar="EL", help="exactly this chemical system, e.g. Al Ca Cu")
     p.add_argument("--ehull", choices=["low", "high"], help="stability class (default: sampled)")
     p.add_argument("--spacegroup", type=int, metavar="N", help="space group number 1-230 (default: sampled)")
+    p.add_argument("--formula", help="exactly this reduced formula in every sample, e.g. Ca2AlCu2")
+    p.add_argument("--formula-units", dest="formula_units", metavar="K,K,...",
+                   help="formula units per cell allowed with --formula, e.g. 1,2,4 (default: any within --max-atoms)")
+    p.add_argument("--max-atoms", type=int, dest="max_atoms", metavar="N",
+                   help="at most N atoms per (conventional) cell (default 208)")
+    p.add_argument("--wyckoff", metavar="SPEC",
+                   help="prototype: space group and Wyckoff sites, '<space group>: <element> <position>, ...', e.g. "
+                        "'225: Na 4a, Cl 4b' (position: letter with or without its multiplicity); the model draws "
+                        "the free coordinates and the cell; the elements are those of the sites")
+    p.add_argument("--complete-sites", action="store_true", dest="complete_sites",
+                   help="with --wyckoff: the model may add further sites of the same elements")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="complete this sequence prefix (CrystalSequence text form, as in summary.csv's sequence "
+                        "column, e.g. '<bos> ehull:low n:2 Na Cl sg:225 w22a Na'); kept verbatim")
     p.add_argument("-n", "--num-samples", type=int, default=100, dest="n")
     temps = p.add_mutually_exclusive_group()
     temps.add_argument("--temperature", type=float, default=1.0)
@@ -87,6 +104,15 @@ def check_args(args: argparse.Namespace) -> None:
                                      args.seed)
     except InputError as e:
         raise UsageError(str(e)) from None
+    if args.max_atoms is not None and args.max_atoms <= 0:
+        raise UsageError(f"--max-atoms must be positive, got {args.max_atoms}")
+    if args.formula_units is not None:
+        from wyckoffgpt.conditioning import ConditioningError, parse_formula_units
+
+        try:
+            args.formula_units = parse_formula_units(args.formula_units)
+        except ConditioningError as e:
+            raise UsageError(f"--formula-units: {e}") from None
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
     if args.out is not None and args.out.is_dir() and any(args.out.iterdir()):
@@ -128,6 +154,12 @@ def check_sweep_args(args: argparse.Namespace) -> None:
 
 def default_out(args: argparse.Namespace) -> Path:
     system = "-".join(args.elements) if args.elements else "any"
+    if args.formula:
+        system = "".join(c for c in args.formula if c.isalnum())
+    elif args.wyckoff:
+        system = "wyckoff" + "".join(c for c in args.wyckoff.split(":")[0] if c.isdigit())
+    elif args.prompt:
+        system = "prompt"
     parts = [system] + ([f"sg{args.spacegroup}"] if args.spacegroup else []) + \
         ([f"ehull-{args.ehull}"] if args.ehull else []) + [time.strftime("%Y%m%d-%H%M%S")]
     out = Path("generated_" + "_".join(parts))
@@ -181,23 +213,28 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     from tqdm import tqdm
 
     from wyckoffgpt.generation import CrystalGenerator, InputError
+    from wyckoffgpt.grammar import Limits
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    exact = {"formula": args.formula, "formula_units": args.formula_units, "wyckoff": args.wyckoff,
+             "complete_sites": args.complete_sites}
     try:
-        gen = CrystalGenerator.from_pretrained(args.model, device=args.device)
-        gen.conditions(args.elements, args.ehull, args.spacegroup)  # fail before any sampling
+        limits = Limits(max_atoms=args.max_atoms) if args.max_atoms else None
+        gen = CrystalGenerator.from_pretrained(args.model, device=args.device, limits=limits)
+        # fail before any sampling
+        gen.prompt_prefix(args.prompt, gen.conditions(args.elements, args.ehull, args.spacegroup, **exact))
     except InputError as e:
         raise UsageError(str(e)) from None
     if args.temperatures is not None:
-        return temperature_sweep(args, out, gen)
+        return temperature_sweep(args, out, gen, {**exact, "prompt": args.prompt})
 
     t0 = time.perf_counter()
     with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None, desc="sampling") as bar:
         results = gen.generate(args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
                                temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
                                top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update,
-                               charge_check=args.charge_check,
+                               charge_check=args.charge_check, prompt=args.prompt, **exact,
                                **({} if args.max_retries is None else {"max_retries": args.max_retries}))
     write_results(results, out, args.format)
     elapsed = time.perf_counter() - t0
@@ -258,7 +295,8 @@ def print_summary(args: argparse.Namespace, gen, results: list, out: Path, elaps
           + f", charge check {args.charge_check}) and summary.csv to {out}")
 
 
-def temperature_sweep(args: argparse.Namespace, out: Path, gen) -> int:
+def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> int:
+    """`exact`: the formula, Wyckoff and prompt conditions, passed on to every temperature."""
     from tqdm import tqdm
 
     from wyckoffgpt import metrics, sweep
@@ -289,7 +327,7 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen) -> int:
         points = sweep.run_sweep(gen, args.temperatures, args.n, reference, seed=args.seed, on_finished=bar.update,
                                  on_point=write_point, elements=args.elements, ehull=args.ehull,
                                  spacegroup=args.spacegroup, batch_size=args.batch_size, top_p=args.top_p,
-                                 min_distance=args.min_distance, charge_check=args.charge_check,
+                                 min_distance=args.min_distance, charge_check=args.charge_check, **exact,
                                  **({} if args.max_retries is None else {"max_retries": args.max_retries}))
     rows = sweep.sweep_rows(points)
     sweep.write_table(rows, report)

@@ -1,11 +1,19 @@
 """Tokenize a set of crystal structures into a training dataset.
 
     python data_prep/prepare.py --input X --out DIR [--limit N] [--workers K] [--seed S]
+                                [--split random|system] [--val-fraction F] [--test-fraction F]
 
 X is a CSV with a `cif` column (optional `e_above_hull`, `material_id`), a folder of .cif files,
 or an extxyz file. Every core is used (--workers, default all). Rows that cannot be used are
 skipped and counted by reason, never fatal. DIR receives the memory-mapped dataset
-(wyckoffgpt.data layout, a seeded 90/10 train/val split) and report.json, also printed.
+(wyckoffgpt.data layout) and report.json, also printed.
+
+Splits (seeded): `random` (default) shuffles structures into train/val (90/10; a test split only
+with --test-fraction). `system` keeps whole chemical systems (the exact element set, e.g. Al-Ca-Cu)
+out of training: systems are shuffled and dealt to test, then val, separately for each number of
+elements, until each holds its fraction (default 10 % each) of that arity's structures, so unaries,
+binaries, ternaries and quaternaries are all represented; structure prediction and novelty can then
+be measured on chemistries the model has never seen.
 """
 from __future__ import annotations
 
@@ -60,13 +68,58 @@ def process(rec) -> tuple[str, object]:
     n_sites = sum(t.startswith("w") for t in seq.tokens)
     if n_sites > _OPTS["max_sites"]:
         return "skip", "too many sites"
-    return "ok", (rec.key, seq.ids.astype(np.int16), seq.values.astype(np.float32), n_sites, sg, seq.tokens[1])
+    system = "-".join(sorted(seq.tokens[3:3 + int(seq.tokens[2][2:])]))  # after <bos>, stability, n:k
+    return "ok", (rec.key, seq.ids.astype(np.int16), seq.values.astype(np.float32), n_sites, sg, seq.tokens[1],
+                  system)
+
+
+SPLITS = ("random", "system")
+
+
+def random_split(n: int, seed: int, val_fraction: float, test_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """Indices per split: a seeded shuffle of the structures (no test split when test_fraction is 0)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
+    splits = {"val": order[:n_val], "train": order[n_val + n_test:]}
+    if n_test:
+        splits["test"] = order[n_val:n_val + n_test]
+    return splits
+
+
+def system_split(systems: list[str], seed: int, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """Indices per split with whole chemical systems in test and val: for each number of elements,
+    systems in seeded random order are dealt to test, then val, until each split holds its fraction
+    of that arity's structures; the rest is train."""
+    rng = np.random.default_rng(seed)
+    by_system: dict[str, list[int]] = {}
+    for i, system in enumerate(systems):
+        by_system.setdefault(system, []).append(i)
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for arity in sorted({s.count("-") + 1 for s in by_system}):
+        names = sorted(s for s in by_system if s.count("-") + 1 == arity)
+        total = sum(len(by_system[s]) for s in names)
+        want = {"test": total * test_fraction, "val": total * val_fraction}
+        have = {"test": 0, "val": 0}
+        for name in (names[i] for i in rng.permutation(len(names))):
+            split = next((k for k in ("test", "val") if have[k] < want[k]), "train")
+            out[split] += by_system[name]
+            if split != "train":
+                have[split] += len(by_system[name])
+    return {k: np.array(sorted(v), dtype=np.int64) for k, v in out.items() if v or k != "test"}
 
 
 def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, workers: int | None = None,
             seed: int = 0, val_fraction: float = 0.1, symprec: float = 0.01, max_sites: int = 20,
-            keep_p1: bool = False, progress: bool = True) -> dict:
-    """Tokenize `input_path` into the dataset folder `out`; returns the report."""
+            keep_p1: bool = False, progress: bool = True, split: str = "random",
+            test_fraction: float | None = None) -> dict:
+    """Tokenize `input_path` into the dataset folder `out`; returns the report. `split`: "random"
+    or "system" (see the module docstring); `test_fraction` default 0 for random, 0.1 for system."""
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if test_fraction is None:
+        test_fraction = 0.1 if split == "system" else 0.0
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise InputError(f"fractions must be in [0, 1) with a sum below 1 (val {val_fraction}, test {test_fraction})")
     from tqdm import tqdm
 
     records = iter_records(input_path, limit)
@@ -89,18 +142,24 @@ def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, w
                 skipped[payload] += 1
     if not kept:
         raise InputError(f"no usable structure in {input_path} ({read} rows read; skipped: {dict(skipped)})")
-    order = np.random.default_rng(seed).permutation(len(kept))
-    n_val = int(round(len(kept) * val_fraction))
-    splits = {"val": [kept[i] for i in order[:n_val]], "train": [kept[i] for i in order[n_val:]]}
+    if split == "system":
+        index = system_split([p[6] for p in kept], seed, val_fraction, test_fraction)
+    else:
+        index = random_split(len(kept), seed, val_fraction, test_fraction)
+    splits = {k: [kept[i] for i in v] for k, v in index.items()}
     meta = {**CrystalTokenizer().vocab.model_fields(), "source": str(input_path), "seed": seed,
-            "material_ids": {k: [p[0] for p in v] for k, v in splits.items()}}
+            "split": split, "material_ids": {k: [p[0] for p in v] for k, v in splits.items()}}
     write_dataset(out, {k: [(p[1], p[2]) for p in v] for k, v in splits.items()}, meta)
     lengths = np.array([len(p[1]) for p in kept])
     edges = list(range(0, int(lengths.max()) + 11, 10))
     hist, _ = np.histogram(lengths, bins=edges)
     report = {
         "input": str(input_path), "rows_read": read, "kept": len(kept), "skipped": sum(skipped.values()),
-        "skipped_by_reason": dict(skipped.most_common()), "train": len(splits["train"]), "val": len(splits["val"]),
+        "skipped_by_reason": dict(skipped.most_common()), "split": split,
+        **{k: len(v) for k, v in splits.items()},
+        "structures_by_elements": {k: dict(sorted(Counter(p[6].count("-") + 1 for p in v).items()))
+                                   for k, v in splits.items()},
+        "systems": {k: len({p[6] for p in v}) for k, v in splits.items()},
         "stability": dict(stability), "max_sites": max_sites,
         "sites_max": int(max(p[3] for p in kept)), "length_max": int(lengths.max()),
         "length_median": float(np.median(lengths)),
@@ -141,15 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="dataset folder to write")
     parser.add_argument("--limit", type=int, help="read at most this many rows")
     parser.add_argument("--workers", type=int, help="processes (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--split", choices=SPLITS, default="random",
+                        help="random (default): structures shuffled; system: whole chemical systems held out in "
+                             "val and test, in proportion for each number of elements")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of structures in val (default 0.1)")
+    parser.add_argument("--test-fraction", type=float,
+                        help="share of structures in test (default: 0.1 with --split system, else 0: no test split)")
     parser.add_argument("--symprec", type=float, default=0.01, help="spglib tolerance, Å")
     parser.add_argument("--max-sites", type=int, default=20, help="skip crystals with more Wyckoff sites")
     parser.add_argument("--keep-p1", action="store_true", help="keep structures without symmetry (P1)")
     args = parser.parse_args(argv)
     try:
         check_arguments(args)
-        report = prepare(args.input, args.out, args.limit, args.workers, args.seed, symprec=args.symprec,
-                         max_sites=args.max_sites, keep_p1=args.keep_p1)
+        report = prepare(args.input, args.out, args.limit, args.workers, args.seed, val_fraction=args.val_fraction,
+                         symprec=args.symprec, max_sites=args.max_sites, keep_p1=args.keep_p1, split=args.split,
+                         test_fraction=args.test_fraction)
     except (InputError, OSError) as exc:
         print(f"prepare.py: error: {exc}", file=sys.stderr)
         return 2

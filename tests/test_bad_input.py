@@ -55,6 +55,14 @@ CASES = [
     (G, ["--device", "gpu0"], "is not a device name"),
     (G, ["--report", "{out}.csv"], "belong to a sweep"),
     (G, ["--unknown-flag"], "unrecognized arguments"),
+    # generate.py: exact formula, prototype and prompt conditioning
+    (G, ["--formula", "Ca2AlCu2x"], "not a chemical formula"),
+    (G, ["--formula", "Qq2O3"], "unknown element"),
+    (G, ["--formula", "Ca2AlCu2", "--max-atoms", "4"], "does not fit"),
+    (G, ["--formula", "NaCl", "--formula-units", "1,x"], "formula units"),
+    (G, ["--max-atoms", "0"], "--max-atoms must be positive"),
+    (G, ["--wyckoff", "225 Na 4a"], "Wyckoff spec"),
+    (G, ["--prompt", "<bos> ehull:low n:2 Cl Na"], "prompt is not a valid sequence prefix"),
     # generate.py: model and output
     (G, ["--model", "{out}-no-such-model"], "does not exist"),
     (G, ["--out", "{results}"], "already holds files"),
@@ -92,6 +100,8 @@ CASES = [
     (P, ["--max-sites", "0"], "--max-sites must be >= 1"),
     (P, ["--seed", "-2"], "--seed must be >= 0"),
     (P, ["--symprec", "0"], "--symprec must be > 0"),
+    (P, ["--split", "family"], "invalid choice"),
+    (P, ["--split", "system", "--val-fraction", "0.6", "--test-fraction", "0.6"], "fraction"),
     (P, ["--input", "{out}-missing.csv"], "does not exist"),
     (P, ["--out", "{results}"], "already holds files"),
     (P, ["--out", "{file}/out"], "cannot write to --out"),

@@ -112,3 +112,44 @@ def test_unusable_input_file_is_one_clear_error(tmp_path, content, message):
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def systems_of(folder: Path, split: str) -> set[str]:
+    """Chemical systems of a split, read back from its token sequences."""
+    from wyckoffgpt.vocab import default_vocab
+
+    vocab = default_vocab()
+    out = set()
+    for ids, _ in SequenceDataset(folder, split):
+        tokens = [vocab.tokens[i] for i in ids.tolist()]
+        out.add("-".join(sorted(tokens[3:3 + int(tokens[2][2:])])))
+    return out
+
+
+def test_system_split_holds_out_whole_systems_of_every_arity(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        proc = run_prepare("--input", str(SLICE), "--out", str(out), "--limit", "300", "--split", "system",
+                           "--val-fraction", "0.15", "--test-fraction", "0.15")
+        assert proc.returncode == 0, proc.stderr
+    meta, report = load_meta(a), json.loads((a / "report.json").read_text())
+    assert meta["split"] == "system" and set(meta["splits"]) == {"train", "val", "test"}
+    train, val, test = (systems_of(a, k) for k in ("train", "val", "test"))
+    assert not train & val and not train & test and not val & test
+    for split in ("val", "test"):  # binaries, ternaries and quaternaries all held out
+        assert {2, 3, 4} <= {int(k) for k in report["structures_by_elements"][split]}
+        assert 0.05 < meta["splits"][split] / report["kept"] < 0.3
+    assert load_meta(a)["material_ids"] == load_meta(b)["material_ids"]  # seeded
+
+
+def test_random_split_stays_the_default_without_a_test_split(tmp_path):
+    out = tmp_path / "r"
+    assert run_prepare("--input", str(SLICE), "--out", str(out), "--limit", "40").returncode == 0
+    meta = load_meta(out)
+    assert meta["split"] == "random" and set(meta["splits"]) == {"train", "val"} and meta["splits"]["val"] == 4
+
+
+def test_bad_split_fractions_are_one_line_errors(tmp_path):
+    proc = run_prepare("--input", str(SLICE), "--out", str(tmp_path / "x"), "--split", "system",
+                       "--val-fraction", "0.6", "--test-fraction", "0.5")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "fractions" in proc.stderr

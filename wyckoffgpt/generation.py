@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from pymatgen.core import Element, Structure
 
+from .conditioning import ConditioningError, check_prompt, parse_formula, parse_prompt, parse_wyckoff
 from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure, find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDescription, check_conditions
 from .chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
@@ -243,8 +244,20 @@ class CrystalGenerator:
         return cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads)
 
     def conditions(self, elements: Sequence[str] | None = None, ehull: str | None = None,
-                   spacegroup: int | None = None) -> Conditions:
-        """Validated conditioning (InputError naming the problem when impossible)."""
+                   spacegroup: int | None = None, *, formula: str | None = None,
+                   formula_units: Sequence[int] | None = None, wyckoff: str | None = None,
+                   complete_sites: bool = False) -> Conditions:
+        """Validated conditioning (InputError naming the problem when impossible). `formula`, e.g.
+        "Ca2AlCu2": exactly this reduced formula, `formula_units` (e.g. (1, 2, 4)) formula units per
+        cell (default: any that fit the atom limit); `wyckoff`, e.g. "225: Na 4a, Cl 4b": this space
+        group and exactly these sites (more sites too with `complete_sites`), the model drawing the
+        free coordinates and the cell."""
+        try:
+            extra = self._exact_conditions(elements, spacegroup, formula, formula_units, wyckoff, complete_sites)
+        except ConditioningError as e:
+            raise InputError(str(e)) from None
+        if extra:
+            elements, spacegroup = None, extra.pop("spacegroup", spacegroup)
         if ehull not in STABILITY_TOKENS or ehull == "unknown":
             raise InputError(f"ehull must be 'low', 'high' or None, got {ehull!r}")
         els = None
@@ -257,31 +270,84 @@ class CrystalGenerator:
         if spacegroup is not None and (isinstance(spacegroup, bool) or not 1 <= int(spacegroup) <= 230
                                        or int(spacegroup) != spacegroup):
             raise InputError(f"space group must be an integer in 1-230, got {spacegroup}")
+        if extra:
+            els = extra.pop("elements")
         cond = Conditions(STABILITY_TOKENS[ehull] if ehull else None, els,
-                          int(spacegroup) if spacegroup is not None else None)
+                          int(spacegroup) if spacegroup is not None else None, **extra)
         try:
             check_conditions(self.vocab, cond, self.limits)
         except ValueError as e:
             raise InputError(str(e)) from None
         return cond
 
+    def _exact_conditions(self, elements: Sequence[str] | None, spacegroup: int | None, formula: str | None,
+                          formula_units: Sequence[int] | None, wyckoff: str | None,
+                          complete_sites: bool) -> dict:
+        """Conditions fields for a formula or Wyckoff spec (elements in increasing Z); {} for neither."""
+        if formula_units is not None and formula is None:
+            raise ConditioningError("formula units need a formula")
+        if complete_sites and wyckoff is None:
+            raise ConditioningError("complete_sites needs Wyckoff sites")
+        if formula is not None and wyckoff is not None:
+            raise ConditioningError("give either a formula or Wyckoff sites, not both")
+        if formula is not None:
+            els, counts = parse_formula(formula, self.vocab)
+            units = None
+            if formula_units is not None:
+                given = list(formula_units)
+                if not given or any(isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or k < 1
+                                    for k in given):
+                    raise ConditioningError(f"formula units must be positive integers, got {given}")
+                units = tuple(sorted({int(k) for k in given}))
+            extra = {"elements": els, "formula": counts, "formula_units": units}
+        elif wyckoff is not None:
+            number, sites = parse_wyckoff(wyckoff, self.vocab)
+            if spacegroup is not None and int(spacegroup) != number:
+                raise ConditioningError(f"space group {spacegroup} contradicts the Wyckoff spec's {number}")
+            z = self.vocab.element_z
+            els = tuple(sorted({e for _, e in sites}, key=lambda e: z[self.vocab.element_ids[e]]))
+            extra = {"elements": els, "spacegroup": number, "sites": sites, "complete_sites": bool(complete_sites)}
+        else:
+            return {}
+        if elements is not None and set(normalize_elements(elements)) != set(extra["elements"]):
+            raise ConditioningError(f"elements {' '.join(elements)} contradict the elements of the "
+                                    f"{'formula' if formula is not None else 'Wyckoff spec'}")
+        return extra
+
+    def prompt_prefix(self, prompt: str | None, cond: Conditions) -> tuple[list[int], list[float]] | None:
+        """Token ids and values of a sequence prefix that every sample continues (InputError when the
+        grammar, the conditions or the limits reject it, naming the first bad token)."""
+        if prompt is None:
+            return None
+        try:
+            seq = parse_prompt(prompt, self.vocab)
+            check_prompt(seq, SequenceParser(self.vocab, self.limits, cond))
+        except ConditioningError as e:
+            raise InputError(str(e)) from None
+        return seq.ids.tolist(), seq.values.tolist()
+
     def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
                       spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
                       batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
                       min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
                       on_finished: Callable[[int], None] | None = None,
-                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic") -> Iterator[GeneratedCrystal]:
+                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic", *,
+                      formula: str | None = None, formula_units: Sequence[int] | None = None,
+                      wyckoff: str | None = None, complete_sites: bool = False,
+                      prompt: str | None = None) -> Iterator[GeneratedCrystal]:
         """Like `generate`, one result at a time as batches finish, without duplicate marking. The
         arguments are checked here, at the call (InputError), not when the first result is drawn."""
         check_sampling_arguments(n, temperature, batch_size, top_p, min_distance, max_retries, charge_check, seed)
-        cond = self.conditions(elements, ehull, spacegroup)
+        cond = self.conditions(elements, ehull, spacegroup, formula=formula, formula_units=formula_units,
+                               wyckoff=wyckoff, complete_sites=complete_sites)
+        prefix = self.prompt_prefix(prompt, cond)
         self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
-        return self._samples(n, cond, temperature, seed, batch_size, top_p, min_distance, symprec, on_finished,
-                             int(max_retries), charge_check)
+        return self._samples(n, cond, prefix, temperature, seed, batch_size, top_p, min_distance, symprec,
+                             on_finished, int(max_retries), charge_check)
 
-    def _samples(self, n: int, cond: Conditions, temperature: float, seed: int, batch_size: int,
-                 top_p: float | None, min_distance: float, symprec: float,
-                 on_finished: Callable[[int], None] | None, max_retries: int,
+    def _samples(self, n: int, cond: Conditions, prefix: tuple[list[int], list[float]] | None,
+                 temperature: float, seed: int, batch_size: int, top_p: float | None, min_distance: float,
+                 symprec: float, on_finished: Callable[[int], None] | None, max_retries: int,
                  charge_check: str) -> Iterator[GeneratedCrystal]:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance,
@@ -292,7 +358,7 @@ class CrystalGenerator:
             size = min(batch_size, n - index)
             parsers = [SequenceParser(self.vocab, self.limits, cond) for _ in range(size)]
             with _cpu_threads(self.cpu_threads if self.device.type == "cpu" else None):
-                batch = sampler.sample(parsers, generator=generator, on_step=on_finished)
+                batch = sampler.sample(parsers, generator=generator, on_step=on_finished, prefix=prefix)
             for ids, values, retries in zip(batch.ids, batch.values, batch.retries):
                 result = self._result(index, CrystalSequence.from_ids(ids, values, self.vocab), temperature,
                                       min_distance, symprec)
@@ -308,7 +374,10 @@ class CrystalGenerator:
                  batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
                  min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
                  check_unique: bool = True, on_finished: Callable[[int], None] | None = None,
-                 max_retries: int = MAX_RETRIES, charge_check: str = "ionic") -> list[GeneratedCrystal]:
+                 max_retries: int = MAX_RETRIES, charge_check: str = "ionic", *,
+                 formula: str | None = None, formula_units: Sequence[int] | None = None,
+                 wyckoff: str | None = None, complete_sites: bool = False,
+                 prompt: str | None = None) -> list[GeneratedCrystal]:
         """Sample n crystals. `elements`: exactly this chemical system (each element used);
         `ehull`: "low" | "high" | None (sampled); `spacegroup`: 1-230 or None (sampled).
         `max_retries`: how often a sequence whose atoms clash (closer than `min_distance`) is sent
@@ -319,9 +388,14 @@ class CrystalGenerator:
         oxides, nitrides, chalcogenides and halides for a charge-neutral set of oxidation states and
         leaves intermetallics, borides, carbides and silicides as drawn; "smact" asks every composition
         to pass SMACT; "off" keeps the model's compositions as drawn.
+        `formula` ("Ca2AlCu2"), `formula_units` ((1, 2, 4)), `wyckoff` ("225: Na 4a, Cl 4b"),
+        `complete_sites`: see `conditions`. `prompt`: a sequence prefix in CrystalSequence text form
+        ("<bos> ehull:low n:2 Na Cl sg:225 ..."), continued by every sample and kept verbatim.
         The same seed and batch size give the same crystals on the same device and library versions."""
         results = list(self.iter_generate(n, elements, ehull, spacegroup, temperature, seed, batch_size, top_p,
-                                          min_distance, symprec, on_finished, max_retries, charge_check))
+                                          min_distance, symprec, on_finished, max_retries, charge_check,
+                                          formula=formula, formula_units=formula_units, wyckoff=wyckoff,
+                                          complete_sites=complete_sites, prompt=prompt))
         if check_unique:
             mark_duplicates(results)
         return results

@@ -18,6 +18,14 @@ a position while a lighter declared element was still missing, a state that no t
 continues from: the model, unable to place the missing element "in order", kept adding sites of the
 others (the default model's runaway samples, e.g. 17 Gd sites before the one Si). `parse` uses
 none of this: it accepts every grammatical sequence.
+
+Two conditions fix more than the prompt. An exact formula (`Conditions.formula`): a site, an element
+or the lattice is allowed only when the atoms each element still needs, for some allowed number of
+formula units, can be made up from the multiplicities of the positions still available
+(stoichiometry.py), and space groups that cannot hold the formula at all are masked. Forced Wyckoff
+sites (`Conditions.sites`): the forced sites are taken in canonical order; with `complete_sites`
+other sites may come between them, as long as the order leaves every forced site its place and the
+limits leave room for those still missing.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .stoichiometry import StoichiometryBudget
 from .vocab import ANGLE_TOKENS, COORD_TOKENS, SpaceGroupTable, Vocab, WyckoffPosition
 
 
@@ -73,6 +82,21 @@ class Conditions:
     stability: str | None = None  # token string, e.g. "ehull:low"
     elements: tuple[str, ...] | None = None  # in increasing atomic number
     spacegroup: int | None = None
+    # Exact reduced formula: atoms per formula unit of each of `elements` (same order). Every
+    # sample then holds k formula units per cell, k from `formula_units` (None: any k that fits
+    # the atom limit).
+    formula: tuple[int, ...] | None = None
+    formula_units: tuple[int, ...] | None = None
+    # Forced Wyckoff sites (letter, element) of `spacegroup`, e.g. (("a", "Na"), ("b", "Cl")); the
+    # declared elements are exactly theirs. With complete_sites the sampler may add further sites,
+    # else the sites are exactly these.
+    sites: tuple[tuple[str, str], ...] | None = None
+    complete_sites: bool = False
+
+    def formula_text(self) -> str:
+        from pymatgen.core import Composition
+
+        return Composition(dict(zip(self.elements or (), self.formula or ()))).reduced_formula
 
 
 # -- constrained decoding ------------------------------------------------------------------------
@@ -141,6 +165,52 @@ class _Rules:
         self.arity_any = self._mask(i for k, i in vocab.arity_ids.items()
                                     if k <= len(self.elements_by_z) and self.sg_for_arity[k].any())
         self._one_hot: dict[int, np.ndarray] = {}
+        self._stoich: dict[int, StoichiometryBudget] = {}
+        self._formula_sgs: dict[tuple, np.ndarray] = {}
+        self._formula_cache: dict[tuple, object] = {}
+
+    def stoichiometry(self, number: int) -> StoichiometryBudget:
+        b = self._stoich.get(number)
+        if b is None:
+            b = self._stoich[number] = StoichiometryBudget(self.vocab.group(number))
+        return b
+
+    def formula_targets(self, c: Conditions) -> list[tuple[int, ...]]:
+        """Atoms per element (in `c.elements` order) of each allowed number of formula units."""
+        key = ("targets", c.formula, c.formula_units)
+        targets = self._formula_cache.get(key)
+        if targets is None:
+            per_unit = sum(c.formula)
+            units = c.formula_units or range(1, self.limits.max_atoms // per_unit + 1)
+            targets = self._formula_cache[key] = [tuple(k * n for n in c.formula) for k in sorted(set(units))
+                                                  if k * per_unit <= self.limits.max_atoms]
+        return targets
+
+    def formula_fits(self, c: Conditions, number: int, after: int, last_z: int, placed: tuple[int, ...],
+                     sites_left: int) -> bool:
+        """Can the atoms still missing from some allowed cell content be placed, after a site of
+        atomic number last_z on position `after`, in at most sites_left more sites?"""
+        key = (c.elements, c.formula, c.formula_units, number, after, last_z, placed, sites_left)
+        fits = self._formula_cache.get(key)
+        if fits is None:
+            z = [self.vocab.element_z[self.vocab.element_ids[e]] for e in c.elements]
+            budget = self.stoichiometry(number)
+            fits = self._formula_cache[key] = any(
+                budget.min_sites(after, last_z, tuple((ze, t - p) for ze, t, p in zip(z, target, placed) if t > p))
+                <= sites_left
+                for target in self.formula_targets(c) if all(p <= t for p, t in zip(placed, target)))
+        return fits
+
+    def formula_spacegroups(self, c: Conditions) -> np.ndarray:
+        """Mask of the space-group tokens whose positions can hold the formula within the limits."""
+        key = (c.elements, c.formula, c.formula_units)
+        mask = self._formula_sgs.get(key)
+        if mask is None:
+            zero = tuple(0 for _ in c.formula)
+            mask = self._formula_sgs[key] = self._mask(
+                self.vocab.sg_ids[n] for n in self.vocab.sg_ids
+                if self.formula_fits(c, n, -1, -1, zero, self.limits.max_sites))
+        return mask
 
     def _mask(self, ids) -> np.ndarray:
         m = np.zeros(self.size, dtype=bool)
@@ -191,6 +261,53 @@ def check_conditions(vocab: Vocab, conditions: Conditions, limits: Limits | None
                              f"sites and {rules.limits.max_atoms} atoms per cell")
     elif c.elements is not None and not rules.sg_for_arity[len(c.elements)].any():
         raise ValueError(f"no space group holds {len(c.elements)} elements within the limits")
+    if c.formula is not None:
+        _check_formula(vocab, rules, c)
+    if c.sites is not None:
+        _check_sites(vocab, rules, c)
+
+
+def _check_formula(vocab: Vocab, rules: _Rules, c: Conditions) -> None:
+    if c.elements is None or len(c.formula) != len(c.elements) or any(n < 1 for n in c.formula):
+        raise ValueError("a formula needs a positive atom count for each of its elements")
+    if c.sites is not None:
+        raise ValueError("give either a formula or Wyckoff sites, not both")
+    if c.formula_units is not None and (not c.formula_units or any(k < 1 for k in c.formula_units)):
+        raise ValueError("formula units must be positive integers")
+    lim = rules.limits
+    units = ", ".join(map(str, sorted(set(c.formula_units)))) if c.formula_units else "any number of"
+    where = (f"with {units} formula units within {lim.max_sites} sites and {lim.max_atoms} atoms per cell")
+    if not rules.formula_targets(c):
+        raise ValueError(f"{c.formula_text()} does not fit {where}")
+    mask = rules.formula_spacegroups(c)
+    if c.spacegroup is not None and not mask[vocab.sg_ids[c.spacegroup]]:
+        raise ValueError(f"space group {c.spacegroup} cannot hold {c.formula_text()} {where}")
+    if not mask.any():
+        raise ValueError(f"no space group can hold {c.formula_text()} {where}")
+
+
+def _check_sites(vocab: Vocab, rules: _Rules, c: Conditions) -> None:
+    if c.spacegroup is None:
+        raise ValueError("Wyckoff sites need a space group")
+    group = vocab.group(c.spacegroup)
+    for letter, element in c.sites:
+        if letter not in group.by_letter:
+            raise ValueError(f"space group {c.spacegroup} has no Wyckoff position {letter!r} "
+                             f"(it has {''.join(p.letter for p in group.positions)})")
+        if element not in vocab.element_ids:
+            raise ValueError(f"element {element} is not in the model's vocabulary")
+    if c.elements is None or set(c.elements) != {e for _, e in c.sites}:
+        raise ValueError("the declared elements must be exactly those of the Wyckoff sites")
+    fixed = [letter for letter, _ in c.sites if not group.by_letter[letter].repeatable]
+    if len(fixed) != len(set(fixed)):
+        twice = next(x for x in fixed if fixed.count(x) > 1)
+        raise ValueError(f"Wyckoff position {group.by_letter[twice].multiplicity}{twice} of space group "
+                         f"{c.spacegroup} has no free parameter and can hold one site only")
+    atoms = sum(group.by_letter[letter].multiplicity for letter, _ in c.sites)
+    lim = rules.limits
+    if len(c.sites) > lim.max_sites or atoms > lim.max_atoms:
+        raise ValueError(f"{len(c.sites)} sites with {atoms} atoms exceed the limits "
+                         f"({lim.max_sites} sites, {lim.max_atoms} atoms per cell)")
 
 
 class SequenceParser:
@@ -341,11 +458,26 @@ class SequenceParser:
                 mask = np.zeros(rules.size, dtype=bool)
                 mask[rules.elements_by_z[start:stop]] = True
         elif phase == "spacegroup":
-            mask = rules.one_hot(v.sg_ids[c.spacegroup]) if c.spacegroup is not None else rules.sg_for_arity[self.arity]
+            if c.spacegroup is not None:
+                mask = rules.one_hot(v.sg_ids[c.spacegroup])
+            elif c.formula is not None:
+                mask = rules.formula_spacegroups(c)
+            else:
+                mask = rules.sg_for_arity[self.arity]
         elif phase == "site_or_lattice":
-            mask = self._site_mask(rules)
+            if c.formula is not None:
+                mask = self._formula_site_mask(rules, c)
+            elif c.sites is not None:
+                mask = self._forced_site_mask(rules, c)
+            else:
+                mask = self._site_mask(rules)
         elif phase == "site_element":
-            mask = self._element_mask(rules)
+            if c.formula is not None:
+                mask = self._formula_element_mask(rules, c)
+            elif c.sites is not None:
+                mask = self._forced_element_mask(rules, c)
+            else:
+                mask = self._element_mask(rules)
         elif phase == "site_values":
             site = self.sites[-1]
             mask = rules.one_hot(v.token_to_id[site.position.free[len(site.free_values)]])
@@ -400,6 +532,105 @@ class SequenceParser:
             if ze >= min_z and len(rest) <= sites_left and b.completion_atoms(
                     i, sum(m < ze for m in rest), sum(m > ze for m in rest)) <= atoms_left:
                 mask[ids[e]] = True
+        return mask
+
+    # -- exact formula (Conditions.formula) -------------------------------------------------------
+
+    def _placed(self, c: Conditions, n_sites: int) -> list[int]:
+        """Atoms of each of c.elements on the first n_sites sites."""
+        placed = dict.fromkeys(c.elements, 0)
+        for site in self.sites[:n_sites]:
+            placed[site.element] += site.position.multiplicity
+        return [placed[e] for e in c.elements]
+
+    def _formula_site_fits(self, rules: _Rules, c: Conditions, i: int, k: int, placed: list[int],
+                           sites_left: int) -> bool:
+        """Does putting element c.elements[k] on position i keep the formula reachable?"""
+        after = list(placed)
+        after[k] += rules.budgets[self.group.number].mults[i]
+        z = self.vocab.element_z[self.vocab.element_ids[c.elements[k]]]
+        return sites_left >= 0 and rules.formula_fits(c, self.group.number, i, z, tuple(after), sites_left)
+
+    def _formula_site_mask(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        b = rules.budgets[self.group.number]
+        last, last_z = self._order_key(len(self.sites))
+        sites_left = rules.limits.max_sites - len(self.sites) - 1
+        placed = self._placed(c, len(self.sites))
+        z = [self.vocab.element_z[self.vocab.element_ids[e]] for e in c.elements]
+        mask = np.zeros(rules.size, dtype=bool)
+        for i in range(max(last, 0), len(b.mults)):
+            if i == last and not b.repeatable[i]:
+                continue
+            if any(self._formula_site_fits(rules, c, i, k, placed, sites_left)
+                   for k in range(len(z)) if i != last or z[k] >= last_z):
+                mask[b.orbit_ids[i]] = True
+        if self.sites and tuple(placed) in rules.formula_targets(c):
+            mask[self.vocab.token_to_id[self.group.lattice_free[0]]] = True
+        return mask
+
+    def _formula_element_mask(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        i = self.sites[-1].position.index
+        last, last_z = self._order_key(len(self.sites) - 1)
+        sites_left = rules.limits.max_sites - len(self.sites)
+        placed = self._placed(c, len(self.sites) - 1)
+        mask = np.zeros(rules.size, dtype=bool)
+        for k, e in enumerate(c.elements):
+            ze = self.vocab.element_z[self.vocab.element_ids[e]]
+            if (i != last or ze >= last_z) and self._formula_site_fits(rules, c, i, k, placed, sites_left):
+                mask[self.vocab.element_ids[e]] = True
+        return mask
+
+    # -- forced Wyckoff sites (Conditions.sites) ----------------------------------------------------
+
+    def _missing_sites(self, c: Conditions, n_sites: int) -> list[tuple[int, int]]:
+        """(position index, Z) of the forced sites not among the first n_sites sites, in canonical order."""
+        z, ids = self.vocab.element_z, self.vocab.element_ids
+        placed = [(s.position.index, z[ids[s.element]]) for s in self.sites[:n_sites]]
+        missing = []
+        for key in sorted((self.group.by_letter[letter].index, z[ids[e]]) for letter, e in c.sites):
+            if key in placed:
+                placed.remove(key)
+            else:
+                missing.append(key)
+        return missing
+
+    def _forced_site_ok(self, rules: _Rules, c: Conditions, i: int, ze: int, n_sites: int) -> bool:
+        """May a site (position i, atomic number ze) follow the first n_sites sites, leaving room and
+        canonical order for the forced sites still missing?"""
+        missing = self._missing_sites(c, n_sites)
+        if missing and (i, ze) == missing[0]:
+            return True
+        if not c.complete_sites or (missing and (i, ze) > missing[0]):
+            return False
+        b, lim = rules.budgets[self.group.number], rules.limits
+        if missing and i == missing[0][0] and not b.repeatable[i]:
+            return False  # would take the fixed position a forced site needs
+        atoms = sum(s.position.multiplicity for s in self.sites[:n_sites]) + b.mults[i]
+        return (n_sites + 1 + len(missing) <= lim.max_sites
+                and atoms + sum(b.mults[j] for j, _ in missing) <= lim.max_atoms)
+
+    def _forced_site_mask(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        b = rules.budgets[self.group.number]
+        last, last_z = self._order_key(len(self.sites))
+        z = sorted(self.vocab.element_z[self.vocab.element_ids[e]] for e in c.elements)
+        mask = np.zeros(rules.size, dtype=bool)
+        for i in range(max(last, 0), len(b.mults)):
+            if i == last and not b.repeatable[i]:
+                continue
+            if any(self._forced_site_ok(rules, c, i, ze, len(self.sites)) for ze in z if i != last or ze >= last_z):
+                mask[b.orbit_ids[i]] = True
+        if self.sites and not self._missing_sites(c, len(self.sites)):
+            mask[self.vocab.token_to_id[self.group.lattice_free[0]]] = True
+        return mask
+
+    def _forced_element_mask(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        i = self.sites[-1].position.index
+        last, last_z = self._order_key(len(self.sites) - 1)
+        mask = np.zeros(rules.size, dtype=bool)
+        for e in c.elements:
+            ze = self.vocab.element_z[self.vocab.element_ids[e]]
+            if (i != last or ze >= last_z) and self._forced_site_ok(rules, c, i, ze, len(self.sites) - 1):
+                mask[self.vocab.element_ids[e]] = True
         return mask
 
     def _order_key(self, n_sites: int) -> tuple[int, int]:

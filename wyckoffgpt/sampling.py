@@ -143,22 +143,37 @@ class Sampler:
     def sample(self, parsers: list[SequenceParser] | None, batch_size: int | None = None,
                prompt: list[int] | None = None, max_new_tokens: int | None = None,
                generator: torch.Generator | None = None,
-               on_step: Callable[[int], None] | None = None) -> SampledBatch:
+               on_step: Callable[[int], None] | None = None, *,
+               prefix: tuple[list[int], list[float]] | None = None) -> SampledBatch:
         """Sample one sequence per parser (fresh parsers sharing the same conditions), until each has
         its <eos>. With `parsers=None` the grammar is off: `batch_size` rows of exactly
         `max_new_tokens` unconstrained tokens after `prompt` (used to time the model alone).
-        `on_step(k)` is called after every step with the number of rows that finished for good."""
+        `on_step(k)` is called after every step with the number of rows that finished for good.
+        `prefix` (token ids and values, from <bos>): a prompt every row starts with, kept verbatim
+        (resampling never goes back into it); the parsers must accept it."""
+        prompt_values: list[float] = []
         if parsers is not None:
             # The forced prefix is the same for every row: one prompt, no padding.
-            prompt = forced_prefix(parsers[0])
+            given_ids, given_values = (list(prefix[0]), list(prefix[1])) if prefix is not None else ([], [])
+            for p in parsers:
+                for t, v in zip(given_ids, given_values):
+                    p.feed(int(t), v)
+            forced = forced_prefix(parsers[0])
             for p in parsers[1:]:
-                for t in prompt:
+                for t in forced:
                     p.feed(t)
+            prompt = given_ids + forced
+            prompt_values = given_values + [math.nan] * len(forced)
             batch_size = len(parsers)
         elif not prompt or not batch_size or not max_new_tokens:
             raise ValueError("without parsers, give prompt, batch_size and max_new_tokens")
+        else:
+            prompt_values = [math.nan] * len(prompt)
         out_ids = [list(prompt) for _ in range(batch_size)]
-        out_vals: list[list[float]] = [[math.nan] * len(prompt) for _ in range(batch_size)]
+        out_vals: list[list[float]] = [list(prompt_values) for _ in range(batch_size)]
+        if parsers is not None and parsers[0].done:  # the prompt is a whole sequence
+            return SampledBatch([np.array(i, dtype=np.int64) for i in out_ids],
+                                [np.array(v, dtype=np.float64) for v in out_vals], 0, [0] * batch_size)
         retries = [0] * batch_size
         pending, n_new = list(range(batch_size)), 0
         # Rows sent back to an earlier site (see _resume_point) are sampled again in a later round,
@@ -276,7 +291,9 @@ class Sampler:
             cut = prompt_len
         elif self.min_distance:
             cut = resume_point(parser, self.min_distance)
-        if cut is None:
+            if cut is not None:
+                cut = max(cut, prompt_len)  # the prompt stays as given
+        if cut is None or cut >= len(out_ids[row]):
             return False
         fresh = SequenceParser(parser.vocab, parser.limits, parser.conditions)
         del out_ids[row][cut:], out_vals[row][cut:]

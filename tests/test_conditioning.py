@@ -1,0 +1,185 @@
+"""Exact conditioning: a formula, a Wyckoff prototype or a sequence prompt is in every sample, also
+from a random-weight model (the grammar guarantees it, not training); bad specs are one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from random_model import save_random_model
+
+from wyckoffgpt.grammar import Conditions, Limits, SequenceParser, check_conditions
+from wyckoffgpt.vocab import default_vocab
+
+VOCAB = default_vocab()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return save_random_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    from wyckoffgpt import CrystalGenerator
+
+    return CrystalGenerator.from_pretrained(model_dir, device="cpu")
+
+
+def cell_counts(parser: SequenceParser) -> Counter:
+    counts = Counter()
+    for site in parser.sites:
+        counts[site.element] += site.position.multiplicity
+    return counts
+
+
+def random_walk(rng: np.random.Generator, limits: Limits, cond: Conditions) -> SequenceParser:
+    """Uniform choice among allowed tokens: finds any dead end the grammar leaves."""
+    parser = SequenceParser(VOCAB, limits, cond)
+    while not parser.done:
+        allowed = np.flatnonzero(parser.allowed_mask())
+        assert len(allowed), f"dead end after {len(parser.sites)} sites in sg {parser.group and parser.group.number}"
+        tok = int(rng.choice(allowed))
+        val = math.nan
+        if tok in VOCAB.value_ids:
+            lo, hi = parser.value_bounds(tok)
+            val = float(rng.uniform(lo, min(hi, 1.0 if VOCAB.tokens[tok] in "xyz" else 15.0)))
+        parser.feed(tok, val)
+    return parser
+
+
+FORMULAS = [  # (elements by Z, atoms per formula unit, formula units, limits)
+    (("Al", "Ca", "Cu"), (1, 2, 2), None, Limits()),
+    (("Al", "Ca", "Cu"), (1, 2, 2), (1, 2, 4), Limits()),
+    (("O", "Ti", "Sr"), (3, 1, 1), None, Limits(6, 40)),
+    (("Li", "O", "P", "Fe"), (1, 4, 1, 1), (1, 2), Limits(8, 28)),
+    (("Si",), (1,), (3,), Limits(2, 3)),
+]
+
+
+@pytest.mark.parametrize("case", FORMULAS, ids=lambda c: "".join(f"{e}{n}" for e, n in zip(c[0], c[1])) + str(c[3]))
+def test_grammar_random_walks_hit_the_formula_exactly_and_never_dead_end(case):
+    elements, formula, units, limits = case
+    cond = Conditions(None, elements, None, formula, units)
+    check_conditions(VOCAB, cond, limits)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        parser = random_walk(rng, limits, cond)
+        counts = cell_counts(parser)
+        k = counts[elements[0]] // formula[0]
+        assert [counts[e] for e in elements] == [k * n for n in formula]
+        assert units is None or k in units
+        assert sum(counts.values()) <= limits.max_atoms and len(parser.sites) <= limits.max_sites
+
+
+def test_formula_no_space_group_can_hold_is_rejected():
+    cond = Conditions(None, ("Al", "Ca", "Cu"), None, (1, 2, 2), (1,))
+    with pytest.raises(ValueError, match="cannot hold Ca2AlCu2"):
+        check_conditions(VOCAB, Conditions(None, cond.elements, 225, cond.formula, (1,)))  # 4a is 225's smallest
+    with pytest.raises(ValueError, match="does not fit"):
+        check_conditions(VOCAB, cond, Limits(24, 4))
+
+
+def test_generated_samples_all_have_exactly_the_formula_with_a_random_model(generator):
+    for formula, units in (("Ca2AlCu2", (1, 2)), ("SrTiO3", (1, 2)), ("Fe2O3", None)):
+        results = generator.generate(12, formula=formula, formula_units=units, seed=1, check_unique=False)
+        assert len(results) == 12
+        assert all(r.structure is not None for r in results)
+        assert {r.structure.composition.reduced_formula for r in results} == {formula}
+        if units:
+            ratio = {r.structure.composition.get_reduced_formula_and_factor()[1] for r in results}
+            assert ratio <= set(units)
+
+
+def test_wyckoff_sites_are_forced_verbatim(generator):
+    results = generator.generate(6, wyckoff="225: Na 4a, Cl 4b", seed=0, check_unique=False, charge_check="off")
+    for r in results:
+        text = str(r.sequence)
+        assert " sg:225 w22a Na w22b Cl a=" in text  # the forced sites and nothing else, then the cell
+        assert r.structure.composition.reduced_formula == "NaCl"
+    results = generator.generate(12, wyckoff="225: Na 4a, Cl 24e", complete_sites=True, seed=0, check_unique=False,
+                                 charge_check="off")
+    extra = 0
+    for r in results:
+        sites = [t for t in r.sequence.tokens if t.startswith("w")]
+        tokens = r.sequence.tokens
+        pairs = [(tokens[i], tokens[i + 1]) for i in range(len(tokens) - 1) if tokens[i].startswith("w")]
+        group = VOCAB.group(225)
+        assert (group.by_letter["a"].orbit, "Na") in pairs and (group.by_letter["e"].orbit, "Cl") in pairs
+        assert set(r.structure.composition.chemical_system.split("-")) == {"Na", "Cl"}
+        extra += len(sites) > 2
+    assert extra  # the random model does add sites when allowed
+
+
+def test_prompt_is_continued_verbatim(generator):
+    prompt = "<bos> ehull:low n:2 Na Cl sg:225 w22a Na w225k Cl x=0.25 z=0.125"
+    results = generator.generate(5, prompt=prompt, seed=0, check_unique=False, charge_check="off")
+    for r in results:
+        assert str(r.sequence).startswith(prompt + " ")
+        assert r.sequence.tokens[-1] == "<eos>"
+
+
+BAD = {
+    "formula unparseable": ({"formula": "Ca2AlCu2x"}, "not a chemical formula"),
+    "formula unknown element": ({"formula": "Xx2O"}, "unknown element"),
+    "formula impossible": ({"formula": "Ca2AlCu2", "formula_units": [1], "spacegroup": 225}, "cannot hold"),
+    "formula units not integers": ({"formula": "NaCl", "formula_units": ["two"]}, "positive integers"),
+    "wyckoff malformed": ({"wyckoff": "225 Na 4a"}, "expected '<space group>:"),
+    "wyckoff bad site": ({"wyckoff": "225: Na 4a Cl 4b"}, "is not '<element> <position>'"),
+    "wyckoff unknown position": ({"wyckoff": "225: Na 4q"}, "has no position 'q'"),
+    "wyckoff wrong multiplicity": ({"wyckoff": "225: Na 8a"}, "multiplicity 4"),
+    "wyckoff fixed twice": ({"wyckoff": "225: Na 4a, Cl 4a"}, "one site only"),
+    "prompt ungrammatical": ({"prompt": "<bos> ehull:low n:2 Cl Na"}, "increasing atomic number"),
+    "prompt unknown token": ({"prompt": "<bos> ehull:low n:1 Zz"}, "unknown token"),
+    "prompt against conditions": ({"prompt": "<bos> ehull:low n:1 Na", "elements": ["Cl"]}, "cannot be completed"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_conditioning_raises_at_call_time(name, generator):
+    from wyckoffgpt.generation import InputError
+
+    kwargs, expected = BAD[name]
+    with pytest.raises(InputError, match=expected):
+        generator.iter_generate(3, **kwargs)  # no next(): the call itself checks
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("generate_cli_conditioning", REPO / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
+
+def test_cli_formula_writes_only_that_formula(model_dir, tmp_path, capsys):
+    from pymatgen.core import Structure
+
+    out = tmp_path / "out"
+    code = load_cli().main(["--model", str(model_dir), "--out", str(out), "--formula", "Ca2AlCu2",
+                            "--formula-units", "1,2", "-n", "6", "--seed", "0"])
+    capsys.readouterr()
+    assert code == 0
+    files = sorted(out.glob("*.cif"))
+    assert files
+    assert {Structure.from_file(f).composition.reduced_formula for f in files} == {"Ca2AlCu2"}
+
+
+def test_csp_summary_counts_first_candidate_for_k1_and_best_match_for_k():
+    spec = importlib.util.spec_from_file_location("csp_bench", REPO / "benchmarks" / "csp.py")
+    csp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(csp)
+    rows = [{"rms": [None, 0.2, 0.1], "seconds": 1.0, "match_seconds": 0.1, "valid": 3, "formula_exact": True},
+            {"rms": [0.3, None, None], "seconds": 3.0, "match_seconds": 0.1, "valid": 2, "formula_exact": True},
+            {"rms": [None, None, None], "seconds": 2.0, "match_seconds": 0.1, "valid": 0, "formula_exact": True}]
+    s = csp.summarize(rows, 3)
+    assert s["match_rate_k1"] == pytest.approx(1 / 3) and s["match_rate_k3"] == pytest.approx(2 / 3)
+    assert s["rms_k1"] == pytest.approx(0.3) and s["rms_k3"] == pytest.approx((0.1 + 0.3) / 2)
+    assert s["seconds_per_formula"] == pytest.approx(2.0)
