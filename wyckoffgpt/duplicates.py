@@ -6,7 +6,8 @@ equal within tolerance. A crystal's *key*, its space group and the (position, el
 site, therefore sorts it into a bucket, and it is compared only with the members of that bucket.
 The comparison applies StructureMatcher's default tolerances to the two descriptions directly:
 both cells scaled to the same volume (`scale=True`), lattice lengths within `ltol` (fractional) and
-angles within `angle_tol`, and every atom, after removing the mean shift, within `stol` times
+angles within `angle_tol` (of the Niggli-reduced primitive cells, as StructureMatcher compares
+them), and every atom, after removing the mean shift, within `stol` times
 (volume per atom)^(1/3) of its partner. Partners need no search: two descriptions with one key
 expand to their atoms in the same order (`decode.expand_orbits`).
 
@@ -22,10 +23,12 @@ A structure spglib cannot describe at all falls back to StructureMatcher among s
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import combinations
 
 import numpy as np
-from pymatgen.core import Structure
+from pymatgen.core import Lattice, Structure
 
 from .decode import DEFAULT_SYMPREC, expand_orbits, lattice_from_free
 from .grammar import WyckoffDescription
@@ -33,6 +36,18 @@ from .symmetry import EncodeError, describe_structure
 from .vocab import Vocab, default_vocab
 
 Key = tuple  # (space group number, ((position index, element), ...))
+
+
+@lru_cache(maxsize=None)
+def _primitive_basis(centering: tuple[tuple[float, ...], ...]) -> np.ndarray:
+    """Rows: a primitive basis of the centred lattice, in conventional fractional coordinates."""
+    vectors = [np.eye(3)[i] for i in range(3)] + [np.array(t) for t in centering if any(t)]
+    target = 1 / len(centering)
+    for rows in combinations(vectors, 3):
+        basis = np.array(rows)
+        if abs(abs(np.linalg.det(basis)) - target) < 1e-6:
+            return basis
+    raise ValueError(f"no primitive basis among the centering vectors {centering}")
 
 
 @dataclass(frozen=True)
@@ -50,24 +65,34 @@ class MatchTolerances:
 
 @dataclass
 class CanonicalForm:
-    """What the comparison needs of one crystal: its key, its cell scaled to unit volume (rows are
-    the lattice vectors), lengths and angles of that cell, and its atoms' fractional coordinates in
+    """What the comparison needs of one crystal: its key, its conventional cell scaled to unit
+    volume (rows are the lattice vectors), the lengths and angles of its Niggli-reduced primitive
+    cell at that scale (what StructureMatcher compares), and its atoms' fractional coordinates in
     the order its canonical description expands them."""
 
     key: Key
     lattice: np.ndarray  # (3, 3)
-    lengths: np.ndarray  # (3,)
-    angles: np.ndarray  # (3,) degrees
+    primitive: np.ndarray  # (3, 3) rows: a primitive basis in conventional fractional coordinates
     coords: np.ndarray  # (atoms, 3)
+    _reduced: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def reduced(self) -> np.ndarray:
+        """(6,): lengths and angles (degrees) of the Niggli-reduced primitive cell; computed once,
+        when first compared."""
+        if self._reduced is None:
+            lattice = Lattice(self.primitive @ self.lattice).get_niggli_reduced_lattice()
+            self._reduced = np.array(lattice.parameters)
+        return self._reduced
 
 
 def description_form(desc: WyckoffDescription) -> CanonicalForm:
     """The form of a canonical description (an encoded crystal or a training sequence)."""
     key = (desc.group.number, tuple((s.position.index, s.element) for s in desc.sites))
     lattice = lattice_from_free(desc.group.crystal_system, desc.lattice)
-    scale = lattice.volume ** (-1 / 3)
     _, coords = expand_orbits(desc.group, desc.sites)
-    return CanonicalForm(key, lattice.matrix * scale, np.array(lattice.abc) * scale, np.array(lattice.angles), coords)
+    primitive = _primitive_basis(tuple(map(tuple, desc.group.centering.tolist())))
+    return CanonicalForm(key, lattice.matrix * lattice.volume ** (-1 / 3), primitive, coords)
 
 
 def canonical_form(structure: Structure, vocab: Vocab | None = None,
@@ -88,25 +113,25 @@ class _Bucket:
         self.size = 0
         self.labels: list[Hashable] = []
         self.lattice = np.empty((4, 3, 3))
-        self.lengths = np.empty((4, 3))
-        self.angles = np.empty((4, 3))
+        self.reduced = np.empty((4, 6))
         self.coords = np.empty((4,) + form.coords.shape)
 
     def append(self, form: CanonicalForm, label: Hashable) -> None:
         if self.size == len(self.lattice):
-            for name in ("lattice", "lengths", "angles", "coords"):
+            for name in ("lattice", "reduced", "coords"):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.empty_like(old)]))
         k = self.size
-        self.lattice[k], self.lengths[k], self.angles[k], self.coords[k] = \
-            form.lattice, form.lengths, form.angles, form.coords
+        self.lattice[k], self.reduced[k], self.coords[k] = form.lattice, form.reduced, form.coords
         self.labels.append(label)
         self.size += 1
 
     def first_match(self, form: CanonicalForm, tol: MatchTolerances) -> Hashable | None:
         k = self.size
-        ok = np.all(np.abs(self.lengths[:k] / form.lengths - 1) <= tol.ltol, axis=1)
-        ok &= np.all(np.abs(self.angles[:k] - form.angles) <= tol.angle_tol, axis=1)
+        ratio = self.reduced[:k, :3] / form.reduced[:3]
+        # StructureMatcher's test: each length within a factor 1 + ltol, each angle within angle_tol.
+        ok = np.all((ratio < 1 + tol.ltol) & (ratio > 1 / (1 + tol.ltol)), axis=1)
+        ok &= np.all(np.abs(self.reduced[:k, 3:] - form.reduced[3:]) <= tol.angle_tol, axis=1)
         candidates = np.flatnonzero(ok)
         if not len(candidates):
             return None

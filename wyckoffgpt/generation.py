@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from pymatgen.core import Element, Structure
 
-from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure, find_duplicates
+from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure
+from .duplicates import find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDescription, check_conditions
 from .metrics import CHARGE_CHECKS, description_composition, passes_charge_check, smact_valid
 from .sampling import MAX_RETRIES, Sampler
@@ -315,7 +316,8 @@ def _passes(charge_check: str, desc: WyckoffDescription) -> bool:
 
 
 def mark_duplicates(results: list[GeneratedCrystal]) -> None:
-    """Flag valid results that match an earlier valid one (StructureMatcher) as "duplicate"."""
+    """Flag valid results that match an earlier valid one as "duplicate" (canonical forms compared
+    with StructureMatcher's tolerances, see wyckoffgpt.duplicates)."""
     valid = [r for r in results if r.valid]
     for r, match in zip(valid, find_duplicates([r.structure for r in valid])):
         if match is not None:
