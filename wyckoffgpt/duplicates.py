@@ -8,8 +8,7 @@ The comparison applies StructureMatcher's default tolerances to the two descript
 both cells scaled to the same volume (`scale=True`), lattice lengths within `ltol` (fractional) and
 angles within `angle_tol` (of the Niggli-reduced primitive cells, as StructureMatcher compares
 them), and every atom, after removing the mean shift, within `stol` times
-(volume per atom)^(1/3) of its partner. Partners need no search: two descriptions with one key
-expand to their atoms in the same order (`decode.expand_orbits`).
+(volume per atom)^(1/3) of its partner, the nearest atom of its element.
 
 What it cannot see: two crystals StructureMatcher matches although their keys differ (a slightly
 distorted copy of a higher-symmetry crystal, whose space group spglib finds lower at the
@@ -22,19 +21,22 @@ A structure spglib cannot describe at all falls back to StructureMatcher among s
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 
 import numpy as np
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Composition, Lattice, Structure
+from scipy.optimize import linear_sum_assignment
 
 from .decode import DEFAULT_SYMPREC, expand_orbits, lattice_from_free
 from .grammar import WyckoffDescription
 from .symmetry import EncodeError, describe_structure
 from .vocab import Vocab, default_vocab
 
+_CHUNK = 16  # members compared at once: bounds the (members, atoms, atoms, 3) array
 Key = tuple  # (space group number, ((position index, element), ...))
 
 
@@ -74,15 +76,28 @@ class CanonicalForm:
     lattice: np.ndarray  # (3, 3)
     primitive: np.ndarray  # (3, 3) rows: a primitive basis in conventional fractional coordinates
     coords: np.ndarray  # (atoms, 3)
-    _reduced: np.ndarray | None = field(default=None, repr=False)
+    species: np.ndarray  # (atoms,) element symbols
+    formula: str  # reduced formula
+    _reduced: Lattice | None = field(default=None, repr=False)
 
     @property
-    def reduced(self) -> np.ndarray:
-        """(6,): lengths and angles (degrees) of the Niggli-reduced primitive cell; computed once,
-        when first compared."""
+    def primitive_centering(self) -> range:
+        """One entry per lattice point of the conventional cell."""
+        return range(round(1 / abs(np.linalg.det(self.primitive))))
+
+    @property
+    def shape(self) -> np.ndarray:
+        """(6,): lengths and angles (degrees) of the unit-volume conventional cell."""
+        lengths = np.linalg.norm(self.lattice, axis=1)
+        cos = [self.lattice[1] @ self.lattice[2], self.lattice[0] @ self.lattice[2], self.lattice[0] @ self.lattice[1]]
+        pairs = [lengths[1] * lengths[2], lengths[0] * lengths[2], lengths[0] * lengths[1]]
+        return np.concatenate([lengths, np.degrees(np.arccos(np.clip(np.divide(cos, pairs), -1, 1)))])
+
+    @property
+    def reduced(self) -> Lattice:
+        """The Niggli-reduced primitive cell (at the unit-volume scale); computed once, when needed."""
         if self._reduced is None:
-            lattice = Lattice(self.primitive @ self.lattice).get_niggli_reduced_lattice()
-            self._reduced = np.array(lattice.parameters)
+            self._reduced = Lattice(self.primitive @ self.lattice).get_niggli_reduced_lattice()
         return self._reduced
 
 
@@ -90,9 +105,10 @@ def description_form(desc: WyckoffDescription) -> CanonicalForm:
     """The form of a canonical description (an encoded crystal or a training sequence)."""
     key = (desc.group.number, tuple((s.position.index, s.element) for s in desc.sites))
     lattice = lattice_from_free(desc.group.crystal_system, desc.lattice)
-    _, coords = expand_orbits(desc.group, desc.sites)
+    species, coords = expand_orbits(desc.group, desc.sites)
     primitive = _primitive_basis(tuple(map(tuple, desc.group.centering.tolist())))
-    return CanonicalForm(key, lattice.matrix * lattice.volume ** (-1 / 3), primitive, coords)
+    return CanonicalForm(key, lattice.matrix * lattice.volume ** (-1 / 3), primitive, coords, np.array(species),
+                         Composition(Counter(species)).reduced_formula)
 
 
 def canonical_form(structure: Structure, vocab: Vocab | None = None,
@@ -112,56 +128,90 @@ class _Bucket:
     def __init__(self, form: CanonicalForm):
         self.size = 0
         self.labels: list[Hashable] = []
+        self.forms: list[CanonicalForm] = []
         self.lattice = np.empty((4, 3, 3))
-        self.reduced = np.empty((4, 6))
+        self.shape = np.empty((4, 6))
         self.coords = np.empty((4,) + form.coords.shape)
+        # Atoms that may be partners: same element (one key, so one species list for all members).
+        self.other_species = form.species[:, None] != form.species[None, :]
 
     def append(self, form: CanonicalForm, label: Hashable) -> None:
         if self.size == len(self.lattice):
-            for name in ("lattice", "reduced", "coords"):
+            for name in ("lattice", "shape", "coords"):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.empty_like(old)]))
         k = self.size
-        self.lattice[k], self.reduced[k], self.coords[k] = form.lattice, form.reduced, form.coords
+        self.lattice[k], self.shape[k], self.coords[k] = form.lattice, form.shape, form.coords
         self.labels.append(label)
+        self.forms.append(form)
         self.size += 1
 
     def first_match(self, form: CanonicalForm, tol: MatchTolerances) -> Hashable | None:
         k = self.size
-        ratio = self.reduced[:k, :3] / form.reduced[:3]
-        # StructureMatcher's test: each length within a factor 1 + ltol, each angle within angle_tol.
-        ok = np.all((ratio < 1 + tol.ltol) & (ratio > 1 / (1 + tol.ltol)), axis=1)
-        ok &= np.all(np.abs(self.reduced[:k, 3:] - form.reduced[3:]) <= tol.angle_tol, axis=1)
+        # A coarse screen on the conventional cells (twice the tolerances: StructureMatcher compares
+        # reduced primitive cells, whose lengths and angles differ from these) ...
+        ratio = self.shape[:k, :3] / form.shape[:3]
+        ok = np.all((ratio < (1 + tol.ltol) ** 2) & (ratio > (1 + tol.ltol) ** -2), axis=1)
+        ok &= np.all(np.abs(self.shape[:k, 3:] - form.shape[3:]) <= 2 * tol.angle_tol, axis=1)
         candidates = np.flatnonzero(ok)
-        if not len(candidates):
-            return None
-        avg = 0.5 * (self.lattice[candidates] + form.lattice)  # (c, 3, 3)
-        # Per atom volume of the averaged cell: the unit of stol, as in StructureMatcher.
+        for start in range(0, len(candidates), _CHUNK):
+            chunk = candidates[start:start + _CHUNK]
+            for m in chunk[self._site_distances(form, chunk) <= tol.stol]:
+                # ... then StructureMatcher's own lattice test where the atoms agree: some basis of
+                # one reduced cell within ltol (lengths) and angle_tol of the other's.
+                if self.forms[m].reduced.find_mapping(form.reduced, tol.ltol, tol.angle_tol,
+                                                      skip_rotation_matrix=True) is not None:
+                    return self.labels[int(m)]
+        return None
+
+    def _site_distances(self, form: CanonicalForm, members: np.ndarray) -> np.ndarray:
+        """Per member: the largest distance of an atom of `form` from its partner, in units of
+        (volume per atom)^(1/3), after removing the mean shift (StructureMatcher's `max_dist`).
+
+        One key fixes the atoms' order only up to the choice of each orbit's representative atom
+        (which can flip between two nearly equal crystals when a value is near 0 or a tie), so each
+        atom is paired with the nearest atom of its element; where that is not one-to-one, the
+        pairing of least total squared distance is used, as StructureMatcher does."""
+        avg = 0.5 * (self.lattice[members] + form.lattice)  # (m, 3, 3)
+        # Volume per atom of the averaged cell: the unit of stol, as in StructureMatcher.
         unit = (np.abs(np.linalg.det(avg)) / len(form.coords)) ** (1 / 3)
-        delta = form.coords - self.coords[candidates]
+        delta = form.coords[None, :, None, :] - self.coords[members][:, None, :, :]  # (m, atoms, atoms, 3)
         delta -= np.rint(delta)
-        cart = np.einsum("cai,cij->caj", delta, avg)
-        cart -= cart.mean(axis=1, keepdims=True)  # a common shift of all atoms is no difference
-        worst = np.sqrt((cart ** 2).sum(axis=2)).max(axis=1) / unit
-        hits = candidates[worst <= tol.stol]
-        return self.labels[int(hits[0])] if len(hits) else None
+        cart = np.einsum("mabi,mij->mabj", delta, avg)
+        d2 = (cart ** 2).sum(axis=3)
+        d2[:, self.other_species] = np.inf
+        partner = d2.argmin(axis=2)  # (m, atoms)
+        for m in np.flatnonzero((np.sort(partner, axis=1) != np.arange(partner.shape[1])).any(axis=1)):
+            partner[m] = linear_sum_assignment(d2[m])[1]
+        vecs = np.take_along_axis(cart, partner[:, :, None, None], axis=2)[:, :, 0, :]  # (m, atoms, 3)
+        vecs -= vecs.mean(axis=1, keepdims=True)  # a common shift of all atoms is no difference
+        return np.sqrt((vecs ** 2).sum(axis=2)).max(axis=1) / unit
 
 
 class DuplicateIndex:
-    """Crystals seen so far, one representative per group of equal ones; add to it one at a time."""
+    """Crystals seen so far, one representative per group of equal ones; add to it one at a time.
+
+    Only crystals of one reduced formula can be equal, so the canonical form (the one costly step,
+    spglib and the normalizer search) of the first crystal of a formula waits until a second one
+    arrives; an unconditional sample set, nearly all of distinct formulas, needs almost none."""
 
     def __init__(self, tolerances: MatchTolerances | None = None, vocab: Vocab | None = None,
-                 symprec: float = DEFAULT_SYMPREC):
+                 symprec: float = DEFAULT_SYMPREC, across_keys: bool = True):
         self.tolerances = tolerances or MatchTolerances()
+        self.across_keys = across_keys
+        self._by_formula: dict[str, list[tuple[Hashable, CanonicalForm, tuple]]] = {}
         self.vocab = vocab or default_vocab()
         self.symprec = symprec
         self._buckets: dict[Key, _Bucket] = {}
         self._unkeyed: dict[str, list[tuple[Hashable, Structure]]] = {}
+        # formula -> (label, *_compact(structure)) of its only crystal so far, or None once a second has come
+        self._alone: dict[str, tuple | None] = {}
         self._matcher = None
 
     def __len__(self) -> int:
         """Number of representatives (distinct crystals) held."""
-        return sum(b.size for b in self._buckets.values()) + sum(map(len, self._unkeyed.values()))
+        return (sum(b.size for b in self._buckets.values()) + sum(map(len, self._unkeyed.values()))
+                + sum(v is not None for v in self._alone.values()))
 
     def form(self, structure: Structure) -> CanonicalForm | None:
         return canonical_form(structure, self.vocab, self.symprec)
@@ -169,26 +219,87 @@ class DuplicateIndex:
     def find(self, structure: Structure, form: CanonicalForm | None = None) -> Hashable | None:
         """Label of a held crystal equal to `structure`, or None. `form`: its canonical form, if
         already computed (e.g. in another process)."""
-        form = form or self.form(structure)
+        formula = structure.composition.reduced_formula
+        if formula not in self._alone:
+            return None
+        self._settle(formula)
+        return self._find(structure, form or self.form(structure))
+
+    def _find(self, structure: Structure, form: CanonicalForm | None) -> Hashable | None:
         if form is None:
             return self._find_unkeyed(structure)
         bucket = self._buckets.get(form.key)
-        return None if bucket is None else bucket.first_match(form, self.tolerances)
+        match = None if bucket is None else bucket.first_match(form, self.tolerances)
+        if match is None and self.across_keys:
+            match = self._find_across_keys(structure, form)
+        return match
 
     def add(self, structure: Structure, label: Hashable, form: CanonicalForm | None = None) -> Hashable | None:
         """Label of a held crystal equal to `structure`; when there is none, `structure` is added as
         a new representative under `label` and None is returned."""
+        formula = structure.composition.reduced_formula
+        if formula not in self._alone and form is None:
+            self._alone[formula] = (label, *_compact(structure))
+            return None
+        self._settle(formula)
         form = form or self.form(structure)
-        match = self.find(structure, form)
+        match = self._find(structure, form)
         if match is None:
-            if form is None:
-                self._unkeyed.setdefault(structure.composition.reduced_formula, []).append((label, structure))
-            else:
-                self.add_form(form, label)
+            self._alone[formula] = None
+            self._hold(structure, label, form)
         return match
+
+    def _settle(self, formula: str) -> None:
+        """Give the formula's waiting crystal its form and bucket."""
+        alone = self._alone.get(formula)
+        if alone is not None:
+            self._alone[formula] = None
+            structure = _restore(*alone[1:])
+            self._hold(structure, alone[0], self.form(structure))
+
+    def _hold(self, structure: Structure, label: Hashable, form: CanonicalForm | None) -> None:
+        if form is None:
+            self._unkeyed.setdefault(structure.composition.reduced_formula, []).append((label, structure))
+            return
+        self.add_form(form, label)
+        if self.across_keys:
+            self._by_formula.setdefault(form.formula, []).append((label, form, _compact(structure)))
+
+    def _find_across_keys(self, structure: Structure, form: CanonicalForm) -> Hashable | None:
+        """StructureMatcher against the held crystals of the formula under other keys whose reduced
+        cells StructureMatcher's lattice test accepts (same number of atoms per primitive cell)."""
+        held = self._by_formula.get(form.formula, [])
+        if not held:
+            return None
+        # Niggli cells' lengths are the lattice's successive minima, so a basis of one within ltol of
+        # the other's needs the sorted lengths within ltol too: a cheap screen before the lattice test.
+        lengths = np.sort(form.reduced.abc)
+        ratio = np.array([np.sort(other.reduced.abc) for _, other, _ in held]) / lengths
+        near = np.all((ratio < 1 + self.tolerances.ltol) & (ratio > 1 / (1 + self.tolerances.ltol)), axis=1)
+        for k in np.flatnonzero(near):
+            label, other, compact = held[k]
+            if (other.key == form.key or len(other.coords) * len(form.primitive_centering) !=
+                    len(form.coords) * len(other.primitive_centering)):
+                continue
+            if other.reduced.find_mapping(form.reduced, self.tolerances.ltol, self.tolerances.angle_tol,
+                                          skip_rotation_matrix=True) is None:
+                continue
+            if self._structure_matcher().fit(_restore(*compact), structure):
+                return label
+        return None
+
+    def _structure_matcher(self):
+        if self._matcher is None:
+            from pymatgen.analysis.structure_matcher import StructureMatcher
+
+            t = self.tolerances
+            self._matcher = StructureMatcher(ltol=t.ltol, stol=t.stol, angle_tol=t.angle_tol)
+        return self._matcher
 
     def add_form(self, form: CanonicalForm, label: Hashable) -> None:
         """Hold `form` as a representative under `label`, unchecked (e.g. a known-distinct set)."""
+        self._settle(form.formula)
+        self._alone[form.formula] = None
         bucket = self._buckets.get(form.key)
         if bucket is None:
             bucket = self._buckets[form.key] = _Bucket(form)
@@ -197,14 +308,19 @@ class DuplicateIndex:
     def _find_unkeyed(self, structure: Structure) -> Hashable | None:
         # Only structures spglib cannot describe land here (overlapping atoms, mostly): rare
         # enough for pairwise StructureMatcher.
-        if self._matcher is None:
-            from pymatgen.analysis.structure_matcher import StructureMatcher
-
-            self._matcher = StructureMatcher()
         for label, other in self._unkeyed.get(structure.composition.reduced_formula, []):
-            if self._matcher.fit(other, structure):
+            if self._structure_matcher().fit(other, structure):
                 return label
         return None
+
+
+def _compact(structure: Structure) -> tuple:
+    """(lattice, atomic numbers, fractional coordinates): a tenth of a Structure's memory."""
+    return structure.lattice.matrix, np.array(structure.atomic_numbers, dtype=np.int16), structure.frac_coords
+
+
+def _restore(lattice: np.ndarray, numbers: np.ndarray, coords: np.ndarray) -> Structure:
+    return Structure(lattice, numbers.tolist(), coords)
 
 
 def find_duplicates(structures: Sequence[Structure | None], tolerances: MatchTolerances | None = None
