@@ -9,14 +9,16 @@ its decoding and filter outcome in `flags`, so nothing is dropped without a trac
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from pymatgen.core import Element, Structure
 
@@ -230,13 +232,17 @@ class CrystalGenerator:
             raise InputError(str(e)) from None
         return cond
 
-    def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
-                      spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
-                      batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
-                      min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
-                      on_finished: Callable[[int], None] | None = None,
-                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic") -> Iterator[GeneratedCrystal]:
-        """Like `generate`, one result at a time as batches finish, without duplicate marking."""
+    def iter_batches(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
+                     spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
+                     batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
+                     min_distance: float = DEFAULT_MIN_DISTANCE, on_finished: Callable[[int], None] | None = None,
+                     max_retries: int = MAX_RETRIES, charge_check: str = "ionic",
+                     batches: Iterable[int] | None = None) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+        """The sampled sequences before decoding, one list of (index, sequence, retries) per batch.
+
+        Batch b holds indices b * batch_size onwards and draws from its own random stream
+        (`batch_seed(seed, b)`), so any subset of the batches (`batches`: a resumed run, one
+        process's share) gives exactly the samples a whole run gives at those indices."""
         if isinstance(n, bool) or int(n) != n or n <= 0:
             raise InputError(f"number of samples must be a positive integer, got {n}")
         if not temperature > 0:
@@ -251,25 +257,33 @@ class CrystalGenerator:
             raise InputError(f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {charge_check!r}")
         cond = self.conditions(elements, ehull, spacegroup)
         self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
         sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance,
                           max_retries=int(max_retries),
                           accept_sites=None if charge_check == "off" else functools.partial(_passes, charge_check))
-        index = 0
-        while index < n:
-            size = min(batch_size, n - index)
+        for b in range(math.ceil(n / batch_size)) if batches is None else batches:
+            start = b * batch_size
+            size = min(batch_size, n - start)
+            generator = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
             parsers = [SequenceParser(self.vocab, self.limits, cond) for _ in range(size)]
             with _cpu_threads(self.cpu_threads if self.device.type == "cpu" else None):
                 batch = sampler.sample(parsers, generator=generator, on_step=on_finished)
-            for ids, values, retries in zip(batch.ids, batch.values, batch.retries):
-                result = self._result(index, CrystalSequence.from_ids(ids, values, self.vocab), temperature,
-                                      min_distance, symprec)
-                result.retries = retries
-                if result.structure is not None and not passes_charge_check(result.structure.composition,
-                                                                            charge_check):
-                    result.flags.append("not_charge_balanced")
-                yield result
-                index += 1
+            yield [(start + i, CrystalSequence.from_ids(ids, values, self.vocab), retries)
+                   for i, (ids, values, retries) in enumerate(zip(batch.ids, batch.values, batch.retries))]
+
+    def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
+                      spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
+                      batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
+                      min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
+                      on_finished: Callable[[int], None] | None = None,
+                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic",
+                      batches: Iterable[int] | None = None) -> Iterator[GeneratedCrystal]:
+        """Like `generate`, one result at a time as batches finish, without duplicate marking
+        (`batches`: see `iter_batches`)."""
+        for batch in self.iter_batches(n, elements, ehull, spacegroup, temperature, seed, batch_size, top_p,
+                                       min_distance, on_finished, max_retries, charge_check, batches):
+            for index, seq, retries in batch:
+                yield finish_sample(self.tokenizer, index, seq, retries, temperature, min_distance, symprec,
+                                    charge_check)
 
     def generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
                  spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
@@ -294,21 +308,38 @@ class CrystalGenerator:
             mark_duplicates(results)
         return results
 
-    def _result(self, index: int, seq: CrystalSequence, temperature: float, min_distance: float,
-                symprec: float) -> GeneratedCrystal:
-        sg = next((int(t[3:]) for t in seq.tokens if t.startswith("sg:")), None)
-        try:
-            structure = self.tokenizer.decode(seq)
-        except DecodeError as e:  # not expected (the grammar prevents it), but recorded, never hidden
-            return GeneratedCrystal(index, seq, None, sg, None, None, temperature, ["decode_error"], str(e))
-        try:
-            check = check_structure(structure, sg, min_distance, symprec)
-        except (ValueError, ArithmeticError) as e:  # numerical failure on a degenerate cell: not written
-            return GeneratedCrystal(index, seq, structure, sg, None, None, temperature, ["too_close", "filter_error"],
-                                    f"distance/symmetry check failed: {_first_line(e)}",
-                                    charge_balanced=smact_valid(structure.composition))
-        return GeneratedCrystal(index, seq, structure, sg, check.detected_spacegroup, check.min_distance,
-                                temperature, check.flags, charge_balanced=smact_valid(structure.composition))
+
+def batch_seed(seed: int, batch: int) -> int:
+    """Seed of batch `batch`'s random stream in a run seeded `seed` (independent streams per batch)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, batch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def finish_sample(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, retries: int, temperature: float,
+                  min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
+                  charge_check: str = "ionic") -> GeneratedCrystal:
+    """A sampled sequence decoded and put through the filters (needs no model: runs in any process)."""
+    result = _result(tokenizer, index, seq, temperature, min_distance, symprec)
+    result.retries = retries
+    if result.structure is not None and not passes_charge_check(result.structure.composition, charge_check):
+        result.flags.append("not_charge_balanced")
+    return result
+
+
+def _result(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, temperature: float, min_distance: float,
+            symprec: float) -> GeneratedCrystal:
+    sg = next((int(t[3:]) for t in seq.tokens if t.startswith("sg:")), None)
+    try:
+        structure = tokenizer.decode(seq)
+    except DecodeError as e:  # not expected (the grammar prevents it), but recorded, never hidden
+        return GeneratedCrystal(index, seq, None, sg, None, None, temperature, ["decode_error"], str(e))
+    try:
+        check = check_structure(structure, sg, min_distance, symprec)
+    except (ValueError, ArithmeticError) as e:  # numerical failure on a degenerate cell: not written
+        return GeneratedCrystal(index, seq, structure, sg, None, None, temperature, ["too_close", "filter_error"],
+                                f"distance/symmetry check failed: {_first_line(e)}",
+                                charge_balanced=smact_valid(structure.composition))
+    return GeneratedCrystal(index, seq, structure, sg, check.detected_spacegroup, check.min_distance,
+                            temperature, check.flags, charge_balanced=smact_valid(structure.composition))
 
 
 def _passes(charge_check: str, desc: WyckoffDescription) -> bool:

@@ -1,0 +1,346 @@
+"""Generation runs streamed to a folder in constant memory, resumable after a kill.
+
+    counts = write_run(generator, RunSettings(n=2000, elements=["Al", "Ca", "Cu"], ehull="low", seed=0), "out/")
+
+The folder holds `run.json` (the settings, written first), `summary.csv` (one row per sample, in
+index order, flushed as it is made) and the structure files of the valid samples in shards,
+subfolders of at most SHARD_SIZE files (`0000/00012_CaAlCu_sg191.cif`). Memory holds only the
+duplicate index (`duplicates.DuplicateIndex`, grown one structure at a time) and counters.
+
+Both cores: the main process samples (the model) while one worker process decodes, filters,
+writes the structure files and computes canonical forms for the duplicate index, a batch behind.
+
+Resume: batch b is drawn from its own random stream (`generation.batch_seed`), so a run killed at
+any point continues with `resume=True` from the rows it had written: the summary is cut back to
+its last complete row, the duplicate index is rebuilt from the written rows' sequences, and the
+missing indices are drawn again, giving the rows an uninterrupted run gives.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pymatgen.core import Structure
+
+from .atomic import atomic_write
+from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC
+from .duplicates import CanonicalForm, DuplicateIndex, canonical_form
+from .generation import DEFAULT_BATCH_SIZE, CrystalGenerator, GeneratedCrystal, finish_sample
+from .metrics import CHARGE_CHECKS
+from .sampling import MAX_RETRIES
+from .tokenizer import CrystalSequence, CrystalTokenizer
+from .vocab import Vocab
+
+SHARD_SIZE = 1000  # structure files per subfolder
+FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "json": ".json"}
+CSV_FIELDS = ["index", "file", "formula", "reduced_formula", "requested_spacegroup", "detected_spacegroup",
+              "num_sites", "density", "min_distance", "charge_balanced", "flags", "retries", "temperature", "sequence"]
+SETTINGS_FILE = "run.json"
+SUMMARY_FILE = "summary.csv"
+
+
+class RunError(ValueError):
+    """Settings out of range, or a folder that cannot take this run (it holds another run, or a
+    resume asks for other settings); the one-line message says which."""
+
+
+@dataclass
+class RunSettings:
+    """Everything that decides a run's samples (see `CrystalGenerator.generate` for each), and the
+    file format. `seed` None: drawn at the start and recorded in run.json."""
+
+    n: int
+    elements: list[str] | None = None
+    ehull: str | None = None
+    spacegroup: int | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    min_distance: float = DEFAULT_MIN_DISTANCE  # Å
+    max_retries: int = MAX_RETRIES
+    charge_check: str = "ionic"
+    format: str = "cif"
+    model: str | None = None  # as given (folder or Hub id); recorded, not used here
+
+    def __post_init__(self) -> None:
+        def integer(x) -> bool:
+            return not isinstance(x, bool) and isinstance(x, int)
+
+        problems = [
+            (integer(self.n) and self.n > 0, f"number of samples must be a positive integer, got {self.n}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (integer(self.batch_size) and self.batch_size > 0,
+             f"batch size must be a positive integer, got {self.batch_size}"),
+            (self.min_distance >= 0, f"min_distance must be >= 0, got {self.min_distance}"),
+            (integer(self.max_retries) and self.max_retries >= 0,
+             f"max_retries must be a non-negative integer, got {self.max_retries}"),
+            (self.charge_check in CHARGE_CHECKS,
+             f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {self.charge_check!r}"),
+            (self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise RunError(message)
+
+
+@dataclass
+class RunCounts:
+    """Tallies of a run's rows, for the printed summary."""
+
+    sampled: int = 0
+    decoded: int = 0
+    placed: int = 0  # decoded and passed the distance filter
+    balanced: int = 0  # of those, charge-balanced (SMACT)
+    unbalanced: int = 0  # failed the charge check in force (not written)
+    retried: int = 0
+    retries: int = 0
+    valid: int = 0  # written
+    consistent: int = 0  # written, space group as stated
+    unique: int = 0  # written, no earlier duplicate
+
+    def add(self, row: dict) -> None:
+        flags = row["flags"].split(":")[0].split("|") if row["flags"] else []
+        self.sampled += 1
+        self.decoded += bool(row["formula"])
+        placed = bool(row["formula"]) and "too_close" not in flags
+        self.placed += placed
+        self.balanced += placed and row["charge_balanced"] == "true"
+        self.unbalanced += placed and "not_charge_balanced" in flags
+        self.retried += int(row["retries"]) > 0
+        self.retries += int(row["retries"])
+        self.valid += bool(row["file"])
+        self.consistent += bool(row["file"]) and "spacegroup_mismatch" not in flags
+        self.unique += bool(row["file"]) and "duplicate" not in flags
+
+
+def structure_text(structure: Structure, fmt: str) -> str:
+    if fmt == "cif":
+        from pymatgen.io.cif import CifWriter
+
+        return str(CifWriter(structure))
+    if fmt == "json":
+        return json.dumps(structure.as_dict())
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buf = io.StringIO()
+    write(buf, AseAtomsAdaptor.get_atoms(structure), format="extxyz")
+    return buf.getvalue()
+
+
+def structure_file(result: GeneratedCrystal, fmt: str) -> str:
+    """Path of a valid result's file inside the run folder: its shard, then index, formula, group."""
+    return (f"{result.index // SHARD_SIZE:04d}/{result.index:05d}_{result.structure.composition.reduced_formula}"
+            f"_sg{result.spacegroup}{FORMATS[fmt]}")
+
+
+def summary_row(r: GeneratedCrystal, file: str) -> dict:
+    s = r.structure
+    return {
+        "index": r.index, "file": file,
+        "formula": s.formula.replace(" ", "") if s is not None else "",
+        "reduced_formula": s.composition.reduced_formula if s is not None else "",
+        "requested_spacegroup": r.spacegroup if r.spacegroup is not None else "",
+        "detected_spacegroup": r.detected_spacegroup if r.detected_spacegroup is not None else "",
+        "num_sites": len(s) if s is not None else "",
+        "density": f"{s.density:.4f}" if s is not None else "",
+        "min_distance": f"{r.min_distance:.4f}" if r.min_distance is not None else "",
+        "charge_balanced": "" if r.charge_balanced is None else str(r.charge_balanced).lower(),
+        "flags": "|".join(r.flags) + (f": {r.error}" if r.error else ""),
+        "retries": r.retries,
+        "temperature": r.temperature, "sequence": str(r.sequence),
+    }
+
+
+# -- the worker's side: decode, filter, write the file, canonical form ------------------------------
+
+@dataclass
+class _Finished:
+    result: GeneratedCrystal
+    file: str
+    form: CanonicalForm | None  # None: not valid, or the first of its formula (the index computes it if needed)
+
+
+class _Finisher:
+    """Turns sampled sequences into results and files; one per process, keeps the formulas it has seen."""
+
+    def __init__(self, vocab: Vocab, settings: RunSettings, out: Path, symprec: float = DEFAULT_SYMPREC):
+        self.tokenizer = CrystalTokenizer(vocab)
+        self.settings, self.out, self.symprec = settings, out, symprec
+        self.formulas: set[str] = set()
+
+    def __call__(self, batch: list[tuple[int, CrystalSequence, int]]) -> list[_Finished]:
+        s = self.settings
+        done = []
+        for index, seq, retries in batch:
+            r = finish_sample(self.tokenizer, index, seq, retries, s.temperature, s.min_distance, self.symprec,
+                              s.charge_check)
+            file, form = "", None
+            if r.valid:
+                file = structure_file(r, s.format)
+                (self.out / file).parent.mkdir(exist_ok=True)
+                atomic_write(self.out / file, structure_text(r.structure, s.format))
+                formula = r.structure.composition.reduced_formula
+                if formula in self.formulas:
+                    form = canonical_form(r.structure, self.tokenizer.vocab, self.symprec)
+                self.formulas.add(formula)
+            done.append(_Finished(r, file, form))
+        return done
+
+
+_WORKER: _Finisher | None = None
+
+
+def _init_worker(vocab: Vocab, settings: RunSettings, out: Path) -> None:
+    global _WORKER
+    _WORKER = _Finisher(vocab, settings, out)
+
+
+def _finish_in_worker(batch: list) -> list[_Finished]:
+    return _WORKER(batch)
+
+
+# -- the main process's side -------------------------------------------------------------------------
+
+class RunWriter:
+    """summary.csv rows, in index order and flushed one by one, with duplicates flagged on the way."""
+
+    def __init__(self, out: Path, settings: RunSettings, resume: bool = False, vocab: Vocab | None = None):
+        self.out = Path(out)
+        self.index = DuplicateIndex(vocab=vocab)
+        self.counts = RunCounts()
+        self.done: set[int] = set()
+        summary = self.out / SUMMARY_FILE
+        if resume:
+            self._reload(summary, vocab)
+        self._file = open(summary, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
+        if not self.done:
+            self._file.truncate(0)
+            self._csv.writeheader()
+            self._file.flush()
+
+    def _reload(self, summary: Path, vocab: Vocab | None) -> None:
+        if not summary.exists():
+            return
+        data = summary.read_bytes()
+        complete = data[:data.rfind(b"\n") + 1]  # a kill mid-row leaves a partial last line
+        if len(complete) != len(data):
+            with open(summary, "r+b") as f:
+                f.truncate(len(complete))
+        tokenizer = CrystalTokenizer(vocab) if vocab else CrystalTokenizer()
+        for row in csv.DictReader(io.StringIO(complete.decode())):
+            self.done.add(int(row["index"]))
+            self.counts.add(row)
+            if row["file"] and "duplicate" not in row["flags"]:
+                structure = tokenizer.decode(CrystalSequence.from_string(row["sequence"], tokenizer.vocab))
+                self.index.add(structure, int(row["index"]))
+
+    def write(self, finished: _Finished) -> None:
+        r = finished.result
+        if r.valid and self.index.add(r.structure, r.index, finished.form) is not None:
+            r.flags.append("duplicate")
+        row = summary_row(r, finished.file)
+        self._csv.writerow(row)
+        self._file.flush()
+        self.counts.add(row)
+        self.done.add(r.index)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _record_settings(out: Path, settings: RunSettings, resume: bool) -> RunSettings:
+    """Write run.json, or on resume check the settings against it (a recorded seed fills a missing one)."""
+    path = out / SETTINGS_FILE
+    if resume and path.exists():
+        recorded = RunSettings(**json.loads(path.read_text()))
+        given = asdict(settings)
+        if given["seed"] is None:
+            given["seed"] = recorded.seed
+        differ = [k for k, v in given.items() if v != getattr(recorded, k)]
+        if differ:
+            raise RunError(f"--resume: {differ[0]} differs from the run in {out} "
+                           f"({given[differ[0]]!r} vs {getattr(recorded, differ[0])!r})")
+        return recorded
+    atomic_write(path, json.dumps(asdict(settings), indent=1))
+    return settings
+
+
+def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLike, resume: bool = False,
+              worker: bool | None = None, on_finished: Callable[[int], None] | None = None) -> RunCounts:
+    """Sample `settings.n` crystals into folder `out` (see the module docstring). `worker`: decode,
+    filter and write in a second process while this one samples (default: when more than one core
+    is available)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and ((out / SUMMARY_FILE).exists() or (out / SETTINGS_FILE).exists()):
+        raise RunError(f"{out} already holds a run; resume it or choose another folder")
+    gen.conditions(settings.elements, settings.ehull, settings.spacegroup)
+    if settings.seed is None:
+        import secrets
+
+        settings.seed = secrets.randbits(63)
+    settings = _record_settings(out, settings, resume)
+    writer = RunWriter(out, settings, resume, gen.vocab)
+    s = settings
+    n_batches = -(-s.n // s.batch_size)
+    todo = [b for b in range(n_batches)
+            if any(i not in writer.done for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.n)))]
+    if on_finished is not None and writer.done:
+        on_finished(len(writer.done))
+    pool = _pool(gen.vocab, s, out) if (default_worker() if worker is None else worker) else None
+    try:
+        pending: deque[Future | list] = deque()
+        finish = _Finisher(gen.vocab, s, out) if pool is None else None
+        batches = gen.iter_batches(s.n, s.elements, s.ehull, s.spacegroup, s.temperature, s.seed, s.batch_size,
+                                   s.top_p, s.min_distance, on_finished, s.max_retries, s.charge_check, todo)
+        for batch in batches:
+            batch = [item for item in batch if item[0] not in writer.done]
+            pending.append(finish(batch) if pool is None else pool.submit(_finish_in_worker, batch))
+            # The worker runs a batch behind the sampler; more in flight would only hold memory.
+            while len(pending) > 1 or (pending and isinstance(pending[0], list)):
+                _drain(pending.popleft(), writer)
+        while pending:
+            _drain(pending.popleft(), writer)
+    finally:
+        writer.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    gen.last_seed = s.seed
+    return writer.counts
+
+
+def _drain(item: Future | list, writer: RunWriter) -> None:
+    for finished in (item.result() if isinstance(item, Future) else item):
+        writer.write(finished)
+
+
+def _pool(vocab: Vocab, settings: RunSettings, out: Path) -> ProcessPoolExecutor:
+    # One worker: it keeps the set of formulas it has seen, and batches come back in order.
+    # fork: the worker inherits the imported modules instead of importing them again on a busy
+    # core; it is started at once, before the sampler's first forward pass starts torch's threads.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
+                               initializer=_init_worker, initargs=(vocab, settings, out))
+    pool.submit(int).result()
+    return pool
+
+
+def default_worker() -> bool:
+    """A worker beside the sampler when this process may use more than one core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return cores > 1
