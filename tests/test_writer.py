@@ -54,13 +54,13 @@ def test_killed_run_resumes_to_exactly_n_rows_as_if_never_killed(model_dir, tmp_
     before = len(rows(killed))
     assert 20 <= before < 120
 
-    done = subprocess.run(cli(model_dir, killed, "--resume"), env=env, capture_output=True, text=True)
+    done = subprocess.run(cli(model_dir, killed, "--resume"), env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     resumed = rows(killed)
     assert [int(r["index"]) for r in resumed] == list(range(120))
 
     whole = tmp_path / "whole"
-    assert subprocess.run(cli(model_dir, whole), env=env, capture_output=True).returncode == 0
+    assert subprocess.run(cli(model_dir, whole), env=env, capture_output=True, check=False).returncode == 0
     assert resumed == rows(whole)
     files = sorted(p.relative_to(killed).as_posix() for p in killed.rglob("*.cif"))
     assert files == sorted(r["file"] for r in resumed if r["file"])
@@ -84,8 +84,7 @@ def test_files_in_shards_and_an_existing_run_is_not_overwritten(model_dir, tmp_p
 
 def test_worker_process_gives_the_same_rows(model_dir, tmp_path):
     gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
-    settings = dict(n=24, elements=["Al", "Ca", "Cu"], seed=4, batch_size=8)
+    settings = {"n": 24, "elements": ["Al", "Ca", "Cu"], "seed": 4, "batch_size": 8}
     write_run(gen, RunSettings(**settings), tmp_path / "inline", worker=False)
     write_run(gen, RunSettings(**settings), tmp_path / "worker", worker=True)
-    strip = [{k: v for k, v in r.items()} for r in rows(tmp_path / "inline")]
-    assert strip == rows(tmp_path / "worker")
+    assert rows(tmp_path / "inline") == rows(tmp_path / "worker")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from itertools import combinations
 
 import numpy as np
@@ -40,7 +40,7 @@ _CHUNK = 16  # members compared at once: bounds the (members, atoms, atoms, 3) a
 Key = tuple  # (space group number, ((position index, element), ...))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _primitive_basis(centering: tuple[tuple[float, ...], ...]) -> np.ndarray:
     """Rows: a primitive basis of the centred lattice, in conventional fractional coordinates."""
     vectors = [np.eye(3)[i] for i in range(3)] + [np.array(t) for t in centering if any(t)]

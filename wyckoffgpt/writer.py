@@ -8,7 +8,7 @@ subfolders of at most SHARD_SIZE files (`0000/00012_CaAlCu_sg191.cif`). Memory h
 duplicate index (`duplicates.DuplicateIndex`, grown one structure at a time) and counters.
 
 Both cores: the main process samples (the model) while one worker process decodes, filters,
-writes the structure files and computes canonical forms for the duplicate index, a batch behind.
+writes the structure files and keeps the duplicate index, a batch behind, and hands back the rows.
 
 Resume: batch b is drawn from its own random stream (`generation.batch_seed`), so a run killed at
 any point continues with `resume=True` from the rows it had written: the summary is cut back to
@@ -32,7 +32,7 @@ from pymatgen.core import Structure
 
 from .atomic import atomic_write
 from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC
-from .duplicates import CanonicalForm, DuplicateIndex, canonical_form
+from .duplicates import DuplicateIndex
 from .generation import DEFAULT_BATCH_SIZE, CrystalGenerator, GeneratedCrystal, finish_sample
 from .metrics import CHARGE_CHECKS
 from .sampling import MAX_RETRIES
@@ -162,62 +162,54 @@ def summary_row(r: GeneratedCrystal, file: str) -> dict:
     }
 
 
-# -- the worker's side: decode, filter, write the file, canonical form ------------------------------
-
-@dataclass
-class _Finished:
-    result: GeneratedCrystal
-    file: str
-    form: CanonicalForm | None  # None: not valid, or the first of its formula (the index computes it if needed)
-
+# -- the worker's side: decode, filter, write the file, flag duplicates -------------------------------
 
 class _Finisher:
-    """Turns sampled sequences into results and files; one per process, keeps the formulas it has seen."""
+    """Turns sampled sequences into summary rows and files, flagging duplicates as it goes (batches
+    arrive in index order, so "earlier" means a lower index)."""
 
-    def __init__(self, vocab: Vocab, settings: RunSettings, out: Path, symprec: float = DEFAULT_SYMPREC):
+    def __init__(self, vocab: Vocab, settings: RunSettings, out: Path, index: DuplicateIndex,
+                 symprec: float = DEFAULT_SYMPREC):
         self.tokenizer = CrystalTokenizer(vocab)
-        self.settings, self.out, self.symprec = settings, out, symprec
-        self.formulas: set[str] = set()
+        self.settings, self.out, self.index, self.symprec = settings, out, index, symprec
 
-    def __call__(self, batch: list[tuple[int, CrystalSequence, int]]) -> list[_Finished]:
+    def __call__(self, batch: list[tuple[int, CrystalSequence, int]]) -> list[dict]:
         s = self.settings
-        done = []
+        rows = []
         for index, seq, retries in batch:
             r = finish_sample(self.tokenizer, index, seq, retries, s.temperature, s.min_distance, self.symprec,
                               s.charge_check)
-            file, form = "", None
+            file = ""
             if r.valid:
                 file = structure_file(r, s.format)
                 (self.out / file).parent.mkdir(exist_ok=True)
                 atomic_write(self.out / file, structure_text(r.structure, s.format))
-                formula = r.structure.composition.reduced_formula
-                if formula in self.formulas:
-                    form = canonical_form(r.structure, self.tokenizer.vocab, self.symprec)
-                self.formulas.add(formula)
-            done.append(_Finished(r, file, form))
-        return done
+                if self.index.add(r.structure, r.index) is not None:
+                    r.flags.append("duplicate")
+            rows.append(summary_row(r, file))
+        return rows
 
 
 _WORKER: _Finisher | None = None
 
 
-def _init_worker(vocab: Vocab, settings: RunSettings, out: Path) -> None:
+def _init_worker(*args) -> None:
     global _WORKER
-    _WORKER = _Finisher(vocab, settings, out)
+    _WORKER = _Finisher(*args)
 
 
-def _finish_in_worker(batch: list) -> list[_Finished]:
+def _finish_in_worker(batch: list) -> list[dict]:
     return _WORKER(batch)
 
 
 # -- the main process's side -------------------------------------------------------------------------
 
 class RunWriter:
-    """summary.csv rows, in index order and flushed one by one, with duplicates flagged on the way."""
+    """summary.csv rows, in index order, each flushed as it is written."""
 
-    def __init__(self, out: Path, settings: RunSettings, resume: bool = False, vocab: Vocab | None = None):
+    def __init__(self, out: Path, resume: bool = False, vocab: Vocab | None = None):
         self.out = Path(out)
-        self.index = DuplicateIndex(vocab=vocab)
+        self.index = DuplicateIndex(vocab=vocab)  # of the rows written, for the finisher to go on with
         self.counts = RunCounts()
         self.done: set[int] = set()
         summary = self.out / SUMMARY_FILE
@@ -246,15 +238,11 @@ class RunWriter:
                 structure = tokenizer.decode(CrystalSequence.from_string(row["sequence"], tokenizer.vocab))
                 self.index.add(structure, int(row["index"]))
 
-    def write(self, finished: _Finished) -> None:
-        r = finished.result
-        if r.valid and self.index.add(r.structure, r.index, finished.form) is not None:
-            r.flags.append("duplicate")
-        row = summary_row(r, finished.file)
+    def write(self, row: dict) -> None:
         self._csv.writerow(row)
         self._file.flush()
         self.counts.add(row)
-        self.done.add(r.index)
+        self.done.add(int(row["index"]))
 
     def close(self) -> None:
         self._file.close()
@@ -292,17 +280,18 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
 
         settings.seed = secrets.randbits(63)
     settings = _record_settings(out, settings, resume)
-    writer = RunWriter(out, settings, resume, gen.vocab)
+    writer = RunWriter(out, resume, gen.vocab)
     s = settings
     n_batches = -(-s.n // s.batch_size)
     todo = [b for b in range(n_batches)
             if any(i not in writer.done for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.n)))]
     if on_finished is not None and writer.done:
         on_finished(len(writer.done))
-    pool = _pool(gen.vocab, s, out) if (default_worker() if worker is None else worker) else None
+    finisher_args = (gen.vocab, s, out, writer.index)
+    pool = _pool(finisher_args) if (default_worker() if worker is None else worker) else None
     try:
         pending: deque[Future | list] = deque()
-        finish = _Finisher(gen.vocab, s, out) if pool is None else None
+        finish = _Finisher(*finisher_args) if pool is None else None
         batches = gen.iter_batches(s.n, s.elements, s.ehull, s.spacegroup, s.temperature, s.seed, s.batch_size,
                                    s.top_p, s.min_distance, on_finished, s.max_retries, s.charge_check, todo)
         for batch in batches:
@@ -322,17 +311,17 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
 
 
 def _drain(item: Future | list, writer: RunWriter) -> None:
-    for finished in (item.result() if isinstance(item, Future) else item):
-        writer.write(finished)
+    for row in (item.result() if isinstance(item, Future) else item):
+        writer.write(row)
 
 
-def _pool(vocab: Vocab, settings: RunSettings, out: Path) -> ProcessPoolExecutor:
-    # One worker: it keeps the set of formulas it has seen, and batches come back in order.
+def _pool(finisher_args: tuple) -> ProcessPoolExecutor:
+    # One worker: it holds the duplicate index and takes the batches in order.
     # fork: the worker inherits the imported modules instead of importing them again on a busy
     # core; it is started at once, before the sampler's first forward pass starts torch's threads.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
-                               initializer=_init_worker, initargs=(vocab, settings, out))
+                               initializer=_init_worker, initargs=finisher_args)
     pool.submit(int).result()
     return pool
 
