@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
+    p.add_argument("--single-process", action="store_true", dest="single_process",
+                   help="decode, filter and write in the sampling process (default: in a second process "
+                        "while sampling goes on, when more than one core is available)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (killed or stopped) from the rows it has written")
     return p.parse_args(argv)
@@ -138,7 +141,8 @@ def generate(args: argparse.Namespace, out: Path) -> int:
         gen = CrystalGenerator.from_pretrained(args.model, device=args.device)
         t0 = time.perf_counter()
         with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None, desc="sampling") as bar:
-            c = write_run(gen, settings, out, resume=args.resume, on_finished=bar.update)
+            c = write_run(gen, settings, out, resume=args.resume, on_finished=bar.update,
+                          worker=False if args.single_process else None)
     except (InputError, RunError) as e:
         raise UsageError(str(e)) from None
     elapsed = time.perf_counter() - t0

@@ -13,6 +13,10 @@ Reported per set:
   disagreements            the pairs decided differently, grouped by (space groups, which method
                            matched them)
   seconds_keyed, seconds_matcher, speedup
+  novelty                  against the bundled model's training fingerprint index: novel fractions
+                           from canonical forms (FingerprintIndex.find_match) and from pairwise
+                           StructureMatcher (find_match_pairwise), how many samples they disagree
+                           on, and their times
 
     python benchmarks/duplicates.py [-n 2000] [--model DIR] [--cache DIR]
 
@@ -62,6 +66,22 @@ def cached_matcher(structures: list, path: Path | None) -> tuple[list, float]:
     if path is not None:
         path.write_bytes(pickle.dumps(out))
     return out
+
+
+def novelty(structures: list, model: str | None) -> dict:
+    from wyckoffgpt.fingerprints import FingerprintIndex
+    from wyckoffgpt.generation import resolve_model_path
+
+    index = FingerprintIndex.load(resolve_model_path(model))
+    t0 = time.perf_counter()
+    keyed = [index.find_match(s) is None for s in structures]
+    t_keyed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairwise = [index.find_match_pairwise(s) is None for s in structures]
+    t_pairwise = time.perf_counter() - t0
+    return {"novel_keyed": round(sum(keyed) / len(keyed), 4), "novel_matcher": round(sum(pairwise) / len(pairwise), 4),
+            "disagreeing_samples": sum(a != b for a, b in zip(keyed, pairwise)),
+            "seconds_keyed": round(t_keyed, 2), "seconds_matcher": round(t_pairwise, 2)}
 
 
 def groups(matches: list) -> list[int]:
@@ -139,11 +159,12 @@ def main() -> None:
         row = compare(structures, keyed, matcher)
         row.update(seconds_keyed=round(t_keyed, 2), seconds_matcher=round(t_matcher, 2),
                    speedup=round(t_matcher / t_keyed, 1))
+        row["novelty"] = novelty(structures, args.model)
         report["sets"][name] = row
         print(f"{name}: {row['structures']} valid, pair agreement {row['pair_agreement']} "
               f"({row['disagreeing_pairs']} of {row['same_formula_pairs']} same-formula pairs differ), "
               f"flags {row['flag_agreement']}, unique {row['unique_keyed']} vs {row['unique_matcher']}, "
-              f"{t_keyed:.1f} s vs {t_matcher:.1f} s", file=sys.stderr)
+              f"{t_keyed:.1f} s vs {t_matcher:.1f} s; novel {row['novelty']}", file=sys.stderr)
     print(json.dumps(report))
 
 

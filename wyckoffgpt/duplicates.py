@@ -261,9 +261,7 @@ class DuplicateIndex:
         if form is None:
             self._unkeyed.setdefault(structure.composition.reduced_formula, []).append((label, structure))
             return
-        self.add_form(form, label)
-        if self.across_keys:
-            self._by_formula.setdefault(form.formula, []).append((label, form, _compact(structure)))
+        self.add_form(form, label, structure)
 
     def _find_across_keys(self, structure: Structure, form: CanonicalForm) -> Hashable | None:
         """StructureMatcher against the held crystals of the formula under other keys whose reduced
@@ -296,10 +294,13 @@ class DuplicateIndex:
             self._matcher = StructureMatcher(ltol=t.ltol, stol=t.stol, angle_tol=t.angle_tol)
         return self._matcher
 
-    def add_form(self, form: CanonicalForm, label: Hashable) -> None:
-        """Hold `form` as a representative under `label`, unchecked (e.g. a known-distinct set)."""
+    def add_form(self, form: CanonicalForm, label: Hashable, structure: Structure | None = None) -> None:
+        """Hold `form` as a representative under `label`, unchecked (e.g. a known-distinct set);
+        with its `structure`, the comparison across keys sees it too."""
         self._settle(form.formula)
         self._alone[form.formula] = None
+        if structure is not None and self.across_keys:
+            self._by_formula.setdefault(form.formula, []).append((label, form, _compact(structure)))
         bucket = self._buckets.get(form.key)
         if bucket is None:
             bucket = self._buckets[form.key] = _Bucket(form)

@@ -8,7 +8,8 @@ Per entry it also keeps the material id, the prototype key (metrics.prototype_ke
 entry is low-e_hull (its stability token). A novelty check compares the sample's canonical form
 with the canonical forms of the block of its formula (wyckoffgpt.duplicates: StructureMatcher's
 tolerances, applied to the descriptions), read straight from the stored sequences; StructureMatcher
-itself runs only for a sample spglib cannot describe.
+itself runs only where wyckoffgpt.duplicates needs it (crystals of other keys whose reduced cells it
+could match, and samples spglib cannot describe).
 
 Only the dataset's train split goes in: validation crystals were never seen in training, so a
 sample that reproduces one counts as novel.
@@ -179,7 +180,7 @@ class FingerprintIndex:
         if formula not in self._forms:
             forms = self._forms[formula] = DuplicateIndex(vocab=self.vocab, symprec=self.tokenizer.symprec)
             for i in self.entries(formula):
-                forms.add_form(description_form(self.tokenizer.parse(self.sequence(i))), i)
+                forms.add_form(description_form(self.tokenizer.parse(self.sequence(i))), i, self.structure(i))
         return self._forms[formula]
 
     def find_match_pairwise(self, structure: Structure) -> str | None:
