@@ -11,6 +11,7 @@ Bad input exits with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -76,6 +77,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out: the folder of the run to continue")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (args.out is None or args.seed is None):
+        raise UsageError("several processes (torchrun) need --out and --seed: one folder, one seed for all")
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
     if args.device is not None:
@@ -129,7 +132,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     from tqdm import tqdm
 
     from wyckoffgpt.generation import CrystalGenerator, InputError
-    from wyckoffgpt.writer import RunError, RunSettings, write_run
+    from wyckoffgpt.writer import RunError, RunSettings, Share, write_run
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -140,12 +143,16 @@ def generate(args: argparse.Namespace, out: Path) -> int:
                                charge_check=args.charge_check, format=args.format, model=args.model)
         gen = CrystalGenerator.from_pretrained(args.model, device=args.device)
         t0 = time.perf_counter()
-        with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None, desc="sampling") as bar:
+        share = Share.from_env()  # torchrun / accelerate launch: one part of the run per process
+        with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None if share.rank == 0 else True,
+                  desc="sampling") as bar:
             c = write_run(gen, settings, out, resume=args.resume, on_finished=bar.update,
-                          worker=False if args.single_process else None)
+                          worker=False if args.single_process else None, share=share)
     except (InputError, RunError) as e:
         raise UsageError(str(e)) from None
     elapsed = time.perf_counter() - t0
+    if share.rank != 0:
+        return 0
 
     print(f"seed {gen.last_seed}, T={args.temperature}, {elapsed:.1f} s")
     print(f"sampled {c.sampled}, decoded {c.decoded}, passed distance filter (>= {args.min_distance} Å) "

@@ -88,3 +88,16 @@ def test_worker_process_gives_the_same_rows(model_dir, tmp_path):
     write_run(gen, RunSettings(**settings), tmp_path / "inline", worker=False)
     write_run(gen, RunSettings(**settings), tmp_path / "worker", worker=True)
     assert rows(tmp_path / "inline") == rows(tmp_path / "worker")
+
+
+def test_parts_of_several_processes_merge_into_the_one_process_summary(model_dir, tmp_path):
+    from wyckoffgpt.writer import Share
+
+    gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
+    settings = {"n": 30, "elements": ["Na", "Cl"], "seed": 6, "batch_size": 4}
+    write_run(gen, RunSettings(**settings), tmp_path / "one", worker=False, share=Share(0, 1))
+    # What torchrun --nproc_per_node 3 does, one rank after the other; rank 0 merges.
+    for rank in (2, 1, 0):
+        write_run(gen, RunSettings(**settings), tmp_path / "three", worker=False, share=Share(rank, 3))
+    assert rows(tmp_path / "three") == rows(tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "three").iterdir() if p.is_file()) == ["run.json", "summary.csv"]

@@ -18,10 +18,12 @@ missing indices are drawn again, giving the rows an uninterrupted run gives.
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import json
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -207,12 +209,12 @@ def _finish_in_worker(batch: list) -> list[dict]:
 class RunWriter:
     """summary.csv rows, in index order, each flushed as it is written."""
 
-    def __init__(self, out: Path, resume: bool = False, vocab: Vocab | None = None):
+    def __init__(self, out: Path, resume: bool = False, vocab: Vocab | None = None, name: str = SUMMARY_FILE):
         self.out = Path(out)
         self.index = DuplicateIndex(vocab=vocab)  # of the rows written, for the finisher to go on with
         self.counts = RunCounts()
         self.done: set[int] = set()
-        summary = self.out / SUMMARY_FILE
+        summary = self.out / name
         if resume:
             self._reload(summary, vocab)
         self._file = open(summary, "a", newline="")
@@ -265,30 +267,56 @@ def _record_settings(out: Path, settings: RunSettings, resume: bool) -> RunSetti
     return settings
 
 
+@dataclass(frozen=True)
+class Share:
+    """This process's part of a run made by several (torchrun, accelerate launch: RANK, WORLD_SIZE):
+    rank r draws the batches b with b % world == r, writes its files and `summary.rank{r}.csv`, and
+    rank 0 merges the parts into one summary.csv, flagging duplicates across them."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Share":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def part(self) -> str:
+        return SUMMARY_FILE if self.world == 1 else f"summary.rank{self.rank}.csv"
+
+
 def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLike, resume: bool = False,
-              worker: bool | None = None, on_finished: Callable[[int], None] | None = None) -> RunCounts:
+              worker: bool | None = None, on_finished: Callable[[int], None] | None = None,
+              share: Share | None = None) -> RunCounts:
     """Sample `settings.n` crystals into folder `out` (see the module docstring). `worker`: decode,
     filter and write in a second process while this one samples (default: when more than one core
-    is available)."""
+    is available per process). `share`: this process's part of a run made by several (default: from
+    the environment torchrun sets); rank 0 returns the whole run's counts, the others their own."""
     out = Path(out)
+    share = share or Share.from_env()
+    if share.world > 1 and (resume or settings.seed is None):
+        raise RunError("a run made by several processes needs --seed (all draw from it) and cannot be resumed")
     out.mkdir(parents=True, exist_ok=True)
-    if not resume and ((out / SUMMARY_FILE).exists() or (out / SETTINGS_FILE).exists()):
+    held = [out / SUMMARY_FILE, out / share.part] + ([out / SETTINGS_FILE] if share.rank == 0 else [])
+    if not resume and any(p.exists() for p in held):
         raise RunError(f"{out} already holds a run; resume it or choose another folder")
     gen.conditions(settings.elements, settings.ehull, settings.spacegroup)
     if settings.seed is None:
         import secrets
 
         settings.seed = secrets.randbits(63)
-    settings = _record_settings(out, settings, resume)
-    writer = RunWriter(out, resume, gen.vocab)
+    if share.rank == 0:
+        settings = _record_settings(out, settings, resume)
+    writer = RunWriter(out, resume, gen.vocab, share.part)
     s = settings
     n_batches = -(-s.n // s.batch_size)
-    todo = [b for b in range(n_batches)
+    todo = [b for b in range(share.rank, n_batches, share.world)
             if any(i not in writer.done for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.n)))]
     if on_finished is not None and writer.done:
         on_finished(len(writer.done))
     finisher_args = (gen.vocab, s, out, writer.index)
-    pool = _pool(finisher_args) if (default_worker() if worker is None else worker) else None
+    use_worker = default_worker(share.world) if worker is None else worker
+    pool = _pool(finisher_args) if use_worker else None
     try:
         pending: deque[Future | list] = deque()
         finish = _Finisher(*finisher_args) if pool is None else None
@@ -307,7 +335,48 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     gen.last_seed = s.seed
-    return writer.counts
+    if share.world == 1:
+        return writer.counts
+    atomic_write(out / f"{share.part}.done", "")
+    return merge_parts(out, share.world, gen.vocab) if share.rank == 0 else writer.counts
+
+
+def merge_parts(out: Path, world: int, vocab: Vocab | None = None, poll_s: float = 0.2) -> RunCounts:
+    """Rank 0: wait for every rank's finished part, then write one summary.csv in index order with
+    duplicates flagged across the parts (a row its own rank found a duplicate stays one), and
+    remove the parts."""
+    parts = [out / Share(r, world).part for r in range(world)]
+    while not all(Path(f"{p}.done").exists() for p in parts):
+        time.sleep(poll_s)
+    tokenizer = CrystalTokenizer(vocab) if vocab else CrystalTokenizer()
+    index = DuplicateIndex(vocab=tokenizer.vocab)
+    counts = RunCounts()
+
+    def write(f) -> None:
+        # Each part is in index order: a k-way merge streams them (memory: the duplicate index).
+        text = io.TextIOWrapper(f, newline="")
+        merged = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+        merged.writeheader()
+        files = [open(p, newline="") for p in parts]
+        try:
+            for row in heapq.merge(*map(csv.DictReader, files), key=lambda r: int(r["index"])):
+                if row["file"] and "duplicate" not in row["flags"]:
+                    structure = tokenizer.decode(CrystalSequence.from_string(row["sequence"], tokenizer.vocab))
+                    if index.add(structure, int(row["index"])) is not None:
+                        row["flags"] = f"{row['flags']}|duplicate" if row["flags"] else "duplicate"
+                merged.writerow(row)
+                counts.add(row)
+        finally:
+            for f_part in files:
+                f_part.close()
+        text.flush()
+        text.detach()
+
+    atomic_write(out / SUMMARY_FILE, write)
+    for p in parts:
+        p.unlink()
+        Path(f"{p}.done").unlink()
+    return counts
 
 
 def _drain(item: Future | list, writer: RunWriter) -> None:
@@ -326,10 +395,10 @@ def _pool(finisher_args: tuple) -> ProcessPoolExecutor:
     return pool
 
 
-def default_worker() -> bool:
-    """A worker beside the sampler when this process may use more than one core."""
+def default_worker(processes: int = 1) -> bool:
+    """A worker beside the sampler when each of `processes` such processes has two cores or more."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return cores > 1
+    return cores >= 2 * processes
