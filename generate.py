@@ -77,7 +77,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out: the folder of the run to continue")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (args.out is None or args.seed is None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.out is None or args.seed is None):
         raise UsageError("several processes (torchrun) need --out and --seed: one folder, one seed for all")
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")

@@ -128,7 +128,7 @@ class _Bucket:
     def __init__(self, form: CanonicalForm):
         self.size = 0
         self.labels: list[Hashable] = []
-        self.forms: list[CanonicalForm] = []
+        self.reduced = np.empty((4, 3, 3))  # Niggli-reduced primitive cells, as arrays (a Lattice weighs ~1 kB)
         self.lattice = np.empty((4, 3, 3))
         self.shape = np.empty((4, 6))
         self.coords = np.empty((4,) + form.coords.shape)
@@ -137,13 +137,13 @@ class _Bucket:
 
     def append(self, form: CanonicalForm, label: Hashable) -> None:
         if self.size == len(self.lattice):
-            for name in ("lattice", "shape", "coords"):
+            for name in ("lattice", "shape", "coords", "reduced"):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.empty_like(old)]))
         k = self.size
         self.lattice[k], self.shape[k], self.coords[k] = form.lattice, form.shape, form.coords
         self.labels.append(label)
-        self.forms.append(form)
+        self.reduced[k] = form.reduced.matrix
         self.size += 1
 
     def first_match(self, form: CanonicalForm, tol: MatchTolerances) -> Hashable | None:
@@ -159,7 +159,7 @@ class _Bucket:
             for m in chunk[self._site_distances(form, chunk) <= tol.stol]:
                 # ... then StructureMatcher's own lattice test where the atoms agree: some basis of
                 # one reduced cell within ltol (lengths) and angle_tol of the other's.
-                if self.forms[m].reduced.find_mapping(form.reduced, tol.ltol, tol.angle_tol,
+                if Lattice(self.reduced[m]).find_mapping(form.reduced, tol.ltol, tol.angle_tol,
                                                       skip_rotation_matrix=True) is not None:
                     return self.labels[int(m)]
         return None
@@ -199,7 +199,8 @@ class DuplicateIndex:
                  symprec: float = DEFAULT_SYMPREC, across_keys: bool = True):
         self.tolerances = tolerances or MatchTolerances()
         self.across_keys = across_keys
-        self._by_formula: dict[str, list[tuple[Hashable, CanonicalForm, tuple]]] = {}
+        # formula -> [(label, key, atoms per primitive cell, sorted reduced lengths, reduced cell, compact structure)]
+        self._by_formula: dict[str, list[tuple]] = {}
         self.vocab = vocab or default_vocab()
         self.symprec = symprec
         self._buckets: dict[Key, _Bucket] = {}
@@ -272,14 +273,13 @@ class DuplicateIndex:
         # Niggli cells' lengths are the lattice's successive minima, so a basis of one within ltol of
         # the other's needs the sorted lengths within ltol too: a cheap screen before the lattice test.
         lengths = np.sort(form.reduced.abc)
-        ratio = np.array([np.sort(other.reduced.abc) for _, other, _ in held]) / lengths
+        ratio = np.array([h[3] for h in held]) / lengths
         near = np.all((ratio < 1 + self.tolerances.ltol) & (ratio > 1 / (1 + self.tolerances.ltol)), axis=1)
         for k in np.flatnonzero(near):
-            label, other, compact = held[k]
-            if (other.key == form.key or len(other.coords) * len(form.primitive_centering) !=
-                    len(form.coords) * len(other.primitive_centering)):
+            label, key, atoms, _, reduced, compact = held[k]
+            if key == form.key or atoms != _primitive_atoms(form):
                 continue
-            if other.reduced.find_mapping(form.reduced, self.tolerances.ltol, self.tolerances.angle_tol,
+            if Lattice(reduced).find_mapping(form.reduced, self.tolerances.ltol, self.tolerances.angle_tol,
                                           skip_rotation_matrix=True) is None:
                 continue
             if self._structure_matcher().fit(_restore(*compact), structure):
@@ -300,7 +300,9 @@ class DuplicateIndex:
         self._settle(form.formula)
         self._alone[form.formula] = None
         if structure is not None and self.across_keys:
-            self._by_formula.setdefault(form.formula, []).append((label, form, _compact(structure)))
+            self._by_formula.setdefault(form.formula, []).append(
+                (label, form.key, _primitive_atoms(form), np.sort(form.reduced.abc), form.reduced.matrix,
+                 _compact(structure)))
         bucket = self._buckets.get(form.key)
         if bucket is None:
             bucket = self._buckets[form.key] = _Bucket(form)
@@ -315,9 +317,14 @@ class DuplicateIndex:
         return None
 
 
+def _primitive_atoms(form: CanonicalForm) -> int:
+    return len(form.coords) // len(form.primitive_centering)
+
+
 def _compact(structure: Structure) -> tuple:
     """(lattice, atomic numbers, fractional coordinates): a tenth of a Structure's memory."""
-    return structure.lattice.matrix, np.array(structure.atomic_numbers, dtype=np.int16), structure.frac_coords
+    return (structure.lattice.matrix.copy(), np.array(structure.atomic_numbers, dtype=np.int16),
+            structure.frac_coords.astype(np.float64, copy=True))
 
 
 def _restore(lattice: np.ndarray, numbers: np.ndarray, coords: np.ndarray) -> Structure:

@@ -277,8 +277,8 @@ class Share:
     world: int = 1
 
     @classmethod
-    def from_env(cls) -> "Share":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    def from_env(cls) -> Share:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
     @property
     def part(self) -> str:
