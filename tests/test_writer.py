@@ -49,6 +49,7 @@ def test_killed_run_resumes_to_exactly_n_rows_as_if_never_killed(model_dir, tmp_
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
+    children = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = len(rows(killed))
@@ -64,6 +65,21 @@ def test_killed_run_resumes_to_exactly_n_rows_as_if_never_killed(model_dir, tmp_
     assert resumed == rows(whole)
     files = sorted(p.relative_to(killed).as_posix() for p in killed.rglob("*.cif"))
     assert files == sorted(r["file"] for r in resumed if r["file"])
+    # The killed run's worker process went with it.
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(c) for c in children):
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
 
 
 def test_files_in_shards_and_an_existing_run_is_not_overwritten(model_dir, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import io
 import json
 import multiprocessing
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -198,6 +199,14 @@ _WORKER: _Finisher | None = None
 def _init_worker(*args) -> None:
     global _WORKER
     _WORKER = _Finisher(*args)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    # A killed sampler (SIGKILL: no cleanup runs) would leave its worker waiting for work forever.
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def _finish_in_worker(batch: list) -> list[dict]:
