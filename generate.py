@@ -7,7 +7,8 @@
     python generate.py --prompt "<bos> ehull:low n:2 Na Cl sg:225 w22a Na"
 
 Writes one file per valid structure (decoded, no atoms closer than the distance threshold, composition
-passing the charge check) to --out, plus summary.csv with every sample and its flags, and prints a
+passing the charge check) to --out in subfolders of at most 1,000 files, plus summary.csv with every
+sample and its flags (written as the samples are made; --resume continues a killed run), and prints a
 short summary. With --temperatures, a sweep: one such folder per temperature inside --out and a table
 of their metrics (wyckoffgpt.sweep).
 Bad input exits with status 2 and one line on stderr.
@@ -15,18 +16,13 @@ Bad input exits with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "json": ".json"}
-CSV_FIELDS = ["index", "file", "formula", "reduced_formula", "requested_spacegroup", "detected_spacegroup",
-              "num_sites", "density", "min_distance", "charge_balanced", "flags", "retries", "temperature", "sequence"]
+FORMATS = ["cif", "extxyz", "json"]  # wyckoffgpt.writer.FORMATS, without importing the library for --help
 
 
 class UsageError(Exception):
@@ -81,7 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "oxidation states, intermetallics are left as drawn; 'smact': every composition must "
                         "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
-    p.add_argument("--format", choices=list(FORMATS), default="cif")
+    p.add_argument("--format", choices=FORMATS, default="cif")
+    p.add_argument("--single-process", action="store_true", dest="single_process",
+                   help="decode, filter and write in the sampling process (default: in a second process "
+                        "while sampling goes on, when more than one core is available)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (killed or stopped) from the rows it has written")
     p.add_argument("--report", type=Path, help="sweep: the table, one row per temperature (default: OUT/sweep.csv)")
     p.add_argument("--plot", type=Path, help='sweep: a PNG of the table (needs pip install "wyckoffgpt[plot]")')
     p.add_argument("--reference", type=Path, help="sweep: novelty and distribution statistics against this set "
@@ -113,9 +114,13 @@ def check_args(args: argparse.Namespace) -> None:
             args.formula_units = parse_formula_units(args.formula_units)
         except ConditioningError as e:
             raise UsageError(f"--formula-units: {e}") from None
+    if args.resume and (args.out is None or args.temperatures is not None):
+        raise UsageError("--resume needs --out, the folder of the (single-temperature) run to continue")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.out is None or args.seed is None):
+        raise UsageError("several processes (torchrun) need --out and --seed: one folder, one seed for all")
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
-    if args.out is not None and args.out.is_dir() and any(args.out.iterdir()):
+    if args.out is not None and not args.resume and args.out.is_dir() and any(args.out.iterdir()):
         raise UsageError(f"--out {args.out} already holds files (an earlier run?); choose a new or empty folder")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file, not a folder")
@@ -179,21 +184,6 @@ def prepare_out(out: Path) -> None:
         raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
-def structure_text(structure, fmt: str) -> str:
-    if fmt == "cif":
-        from pymatgen.io.cif import CifWriter
-
-        return str(CifWriter(structure))
-    if fmt == "json":
-        return json.dumps(structure.as_dict())
-    from ase.io import write
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    buf = io.StringIO()
-    write(buf, AseAtomsAdaptor.get_atoms(structure), format="extxyz")
-    return buf.getvalue()
-
-
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     out = args.out or default_out(args)
@@ -214,6 +204,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
 
     from wyckoffgpt.generation import CrystalGenerator, InputError
     from wyckoffgpt.grammar import Limits
+    from wyckoffgpt.writer import RunError, RunSettings, Share, write_run
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -229,70 +220,35 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     if args.temperatures is not None:
         return temperature_sweep(args, out, gen, {**exact, "prompt": args.prompt})
 
-    t0 = time.perf_counter()
-    with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None, desc="sampling") as bar:
-        results = gen.generate(args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
-                               temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                               top_p=args.top_p, min_distance=args.min_distance, on_finished=bar.update,
-                               charge_check=args.charge_check, prompt=args.prompt, **exact,
-                               **({} if args.max_retries is None else {"max_retries": args.max_retries}))
-    write_results(results, out, args.format)
+    try:
+        settings = RunSettings(args.n, args.elements, args.ehull, args.spacegroup, args.temperature, args.top_p,
+                               args.seed, args.batch_size, args.min_distance,
+                               **({} if args.max_retries is None else {"max_retries": args.max_retries}),
+                               charge_check=args.charge_check, format=args.format, model=args.model,
+                               prompt=args.prompt, **exact)
+        t0 = time.perf_counter()
+        share = Share.from_env()  # torchrun / accelerate launch: one part of the run per process
+        with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None if share.rank == 0 else True,
+                  desc="sampling") as bar:
+            c = write_run(gen, settings, out, resume=args.resume, on_finished=bar.update,
+                          worker=False if args.single_process else None, share=share)
+    except (InputError, RunError) as e:
+        raise UsageError(str(e)) from None
     elapsed = time.perf_counter() - t0
-    print_summary(args, gen, results, out, elapsed)
-    return 0
-
-
-def write_results(results: list, out: Path, fmt: str) -> None:
-    """One file per valid structure and summary.csv with every sample."""
-    from wyckoffgpt.atomic import atomic_write
-
-    rows = []
-    for r in results:
-        s, name = r.structure, ""
-        if r.valid:
-            name = f"{r.index:05d}_{s.composition.reduced_formula}_sg{r.spacegroup}{FORMATS[fmt]}"
-            atomic_write(out / name, structure_text(s, fmt))
-        rows.append({
-            "index": r.index, "file": name,
-            "formula": s.formula.replace(" ", "") if s is not None else "",
-            "reduced_formula": s.composition.reduced_formula if s is not None else "",
-            "requested_spacegroup": r.spacegroup if r.spacegroup is not None else "",
-            "detected_spacegroup": r.detected_spacegroup if r.detected_spacegroup is not None else "",
-            "num_sites": len(s) if s is not None else "",
-            "density": f"{s.density:.4f}" if s is not None else "",
-            "min_distance": f"{r.min_distance:.4f}" if r.min_distance is not None else "",
-            "charge_balanced": "" if r.charge_balanced is None else str(r.charge_balanced).lower(),
-            "flags": "|".join(r.flags) + (f": {r.error}" if r.error else ""),
-            "retries": r.retries,
-            "temperature": r.temperature, "sequence": str(r.sequence),
-        })
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "summary.csv", buf.getvalue())
-
-
-def print_summary(args: argparse.Namespace, gen, results: list, out: Path, elapsed: float) -> None:
-    decoded = [r for r in results if r.structure is not None]
-    valid = [r for r in decoded if r.valid]
-    placed = [r for r in decoded if r.distance_valid]
-    consistent = [r for r in valid if "spacegroup_mismatch" not in r.flags]
-    unique = [r for r in valid if "duplicate" not in r.flags]
-    balanced = [r for r in placed if r.charge_balanced]
+    if share.rank != 0:
+        return 0
     print(f"seed {gen.last_seed}, T={args.temperature}, {elapsed:.1f} s")
-    print(f"sampled {len(results)}, decoded {len(decoded)}, passed distance filter (>= {args.min_distance} Å) "
-          f"{len(placed)}, of these charge-balanced (SMACT) {len(balanced)}")
-    unbalanced = [r for r in placed if "not_charge_balanced" in r.flags]
-    if unbalanced:
-        print(f"{len(unbalanced)} failed the charge check ({args.charge_check}) after their retries and were not "
+    print(f"sampled {c.sampled}, decoded {c.decoded}, passed distance filter (>= {args.min_distance} Å) "
+          f"{c.placed}, of these charge-balanced (SMACT) {c.balanced}")
+    if c.unbalanced:
+        print(f"{c.unbalanced} failed the charge check ({args.charge_check}) after their retries and were not "
               f"written (flag not_charge_balanced; --charge-check off keeps them)")
-    retried = [r for r in results if r.retries]
-    if retried:
-        print(f"{len(retried)} samples were sent back to an earlier site and resampled "
-              f"({sum(r.retries for r in retried)} retries; the 'retries' column of summary.csv)")
-    print(f"wrote {len(valid)} {args.format} files (space-group consistent {len(consistent)}, unique {len(unique)}"
+    if c.retried:
+        print(f"{c.retried} samples were sent back to an earlier site and resampled "
+              f"({c.retries} retries; the 'retries' column of summary.csv)")
+    print(f"wrote {c.valid} {args.format} files (space-group consistent {c.consistent}, unique {c.unique}"
           + f", charge check {args.charge_check}) and summary.csv to {out}")
+    return 0
 
 
 def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> int:
@@ -301,6 +257,7 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> 
 
     from wyckoffgpt import metrics, sweep
     from wyckoffgpt.generation import resolve_model_path
+    from wyckoffgpt.writer import write_results
 
     report = args.report or out / "sweep.csv"
     if report.exists():

@@ -44,7 +44,7 @@ def valid_per_min(model: str | None, n: int, batch_size: int, temperature: float
         t0 = time.perf_counter()
         code = cli.main(argv)
         elapsed = time.perf_counter() - t0
-        written = len(list(Path(tmp).glob("*.cif")))
+        written = len(list(Path(tmp).rglob("*.cif")))
     if code != 0:
         raise SystemExit(f"generate.py failed with status {code}")
     return {"valid_per_min": round(written / elapsed * 60, 1), "samples_per_min": round(n / elapsed * 60, 1),

@@ -53,7 +53,7 @@ def test_elements_ehull_writes_only_that_system_and_no_close_contacts(model_dir,
     assert "sampled 40, decoded 40" in stdout
     rows = read_summary(out)
     assert len(rows) == 40 and all(r["formula"] for r in rows)  # every sample decoded
-    written = sorted(out.glob("*.cif"))
+    written = sorted(out.rglob("*.cif"))
     assert written and len(written) == sum(1 for r in rows if r["file"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -63,10 +63,10 @@ def test_elements_ehull_writes_only_that_system_and_no_close_contacts(model_dir,
             assert min(s.distance_matrix[s.distance_matrix > 0].min(initial=99), min(s.lattice.abc)) >= 0.7 - 1e-6
             index, formula, sg = path.stem.split("_")
             row = rows[int(index)]
-            assert row["file"] == path.name and row["reduced_formula"] == formula and sg == f"sg{row['requested_spacegroup']}"
+            assert row["file"] == path.relative_to(out).as_posix() and row["reduced_formula"] == formula and sg == f"sg{row['requested_spacegroup']}"
     assert all(float(r["min_distance"]) >= 0.7 for r in rows if r["file"])
     assert all("too_close" in r["flags"] for r in rows if not r["file"])
-    assert not list(out.glob(".*"))  # no temporary files left behind
+    assert not list(out.rglob(".*"))  # no temporary files left behind
 
 
 def test_spacegroup_and_formats_and_same_seed(model_dir, tmp_path, capsys):
@@ -76,7 +76,9 @@ def test_spacegroup_and_formats_and_same_seed(model_dir, tmp_path, capsys):
         assert code == 0, err
         rows = read_summary(tmp_path / fmt)
         assert {r["requested_spacegroup"] for r in rows} == {"221"}
-        assert sorted(p.name for p in (tmp_path / fmt).glob(f"*.{fmt}")) == sorted(r["file"] for r in rows if r["file"])
+        folder = tmp_path / fmt
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.glob(f"*/*.{fmt}")) == \
+            sorted(r["file"] for r in rows if r["file"])
     # Same seed, other format: the same samples.
     assert [r["sequence"] for r in read_summary(tmp_path / "json")] == \
         [r["sequence"] for r in read_summary(tmp_path / "extxyz")]

@@ -77,7 +77,7 @@ def test_tiny_sweep_writes_a_folder_per_temperature_a_table_and_a_plot(model_dir
         summary = read_csv(out / f"T{t}" / "summary.csv")
         assert len(summary) == 6 and {s["temperature"] for s in summary} == {t}
         assert all(set(s["reduced_formula"]) and "Na" in s["formula"] for s in summary if s["formula"])
-        assert len(list((out / f"T{t}").glob("*.cif"))) == sum(1 for s in summary if s["file"])
+        assert len(list((out / f"T{t}").glob("*/*.cif"))) == sum(1 for s in summary if s["file"])  # in shards
     assert not with_plot or plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "2 temperatures x 6 samples" in stdout and " s\n" in stdout  # total time printed
 

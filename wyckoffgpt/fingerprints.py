@@ -5,8 +5,11 @@ sequences themselves, since a token sequence is an exact, invertible description
 (ids int16, plus float32 values of the value tokens only; the other positions are NaN by
 definition), sorted by reduced formula so that one formula's entries form one contiguous block.
 Per entry it also keeps the material id, the prototype key (descriptions.prototype_key) and whether the
-entry is low-e_hull (its stability token). A novelty check decodes only the block of the sample's
-formula and runs StructureMatcher against it.
+entry is low-e_hull (its stability token). A novelty check compares the sample's canonical form
+with the canonical forms of the block of its formula (wyckoffgpt.duplicates: StructureMatcher's
+tolerances, applied to the descriptions), read straight from the stored sequences; StructureMatcher
+itself runs only where wyckoffgpt.duplicates needs it (crystals of other keys whose reduced cells it
+could match, and samples spglib cannot describe).
 
 Only the dataset's train split goes in: validation crystals were never seen in training, so a
 sample that reproduces one counts as novel.
@@ -27,6 +30,7 @@ from pymatgen.core import Structure
 
 from .atomic import atomic_write
 from .data import SequenceDataset, load_meta
+from .duplicates import DuplicateIndex, canonical_form, description_form
 from .grammar import DecodeError, parse
 from .descriptions import description_composition, prototype_key
 from .tokenizer import CrystalSequence, CrystalTokenizer
@@ -120,6 +124,7 @@ class FingerprintIndex:
         self.low_prototypes = frozenset(str(p) for p in low_keys)
         self._structures: dict[int, Structure] = {}
         self._matcher = None
+        self._forms: dict[str, DuplicateIndex] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike, vocab: Vocab | None = None) -> "FingerprintIndex":
@@ -159,7 +164,27 @@ class FingerprintIndex:
         return [name for name, size in zip(self.formula_names, np.diff(self.group_offsets)) for _ in range(size)]
 
     def find_match(self, structure: Structure) -> str | None:
-        """Material id of a training crystal StructureMatcher (default tolerances) matches, or None."""
+        """Material id of a training crystal equal to `structure` (StructureMatcher's default
+        tolerances, compared on canonical forms), or None."""
+        formula = structure.composition.reduced_formula
+        if not len(self.entries(formula)):
+            return None
+        form = canonical_form(structure, self.vocab, self.tokenizer.symprec)
+        if form is None:
+            return self.find_match_pairwise(structure)
+        match = self._formula_forms(formula).find(structure, form)
+        return None if match is None else str(self.material_ids[match])
+
+    def _formula_forms(self, formula: str) -> DuplicateIndex:
+        # Built on first use per formula: a sample set revisits the same few formulas many times.
+        if formula not in self._forms:
+            forms = self._forms[formula] = DuplicateIndex(vocab=self.vocab, symprec=self.tokenizer.symprec)
+            for i in self.entries(formula):
+                forms.add_form(description_form(self.tokenizer.parse(self.sequence(i))), i, self.structure(i))
+        return self._forms[formula]
+
+    def find_match_pairwise(self, structure: Structure) -> str | None:
+        """Like `find_match`, by StructureMatcher against every training crystal of the formula."""
         if self._matcher is None:
             from pymatgen.analysis.structure_matcher import StructureMatcher
 

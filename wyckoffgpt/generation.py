@@ -14,16 +14,19 @@ import numbers
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from pymatgen.core import Element, Structure
 
 from .conditioning import ConditioningError, check_prompt, parse_formula, parse_prompt, parse_wyckoff
-from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure, find_duplicates
+from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure
+from .duplicates import find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDescription, check_conditions
 from .chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
 from .descriptions import description_composition
@@ -326,48 +329,59 @@ class CrystalGenerator:
             raise InputError(str(e)) from None
         return seq.ids.tolist(), seq.values.tolist()
 
-    def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
-                      spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
-                      batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
-                      min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
-                      on_finished: Callable[[int], None] | None = None,
-                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic", *,
-                      formula: str | None = None, formula_units: Sequence[int] | None = None,
-                      wyckoff: str | None = None, complete_sites: bool = False,
-                      prompt: str | None = None) -> Iterator[GeneratedCrystal]:
-        """Like `generate`, one result at a time as batches finish, without duplicate marking. The
-        arguments are checked here, at the call (InputError), not when the first result is drawn."""
+    def iter_batches(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
+                     spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
+                     batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
+                     min_distance: float = DEFAULT_MIN_DISTANCE, on_finished: Callable[[int], None] | None = None,
+                     max_retries: int = MAX_RETRIES, charge_check: str = "ionic",
+                     batches: Iterable[int] | None = None, *, formula: str | None = None,
+                     formula_units: Sequence[int] | None = None, wyckoff: str | None = None,
+                     complete_sites: bool = False,
+                     prompt: str | None = None) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+        """The sampled sequences before decoding, one list of (index, sequence, retries) per batch.
+
+        Batch b holds indices b * batch_size onwards and draws from its own random stream
+        (`batch_seed(seed, b)`), so any subset of the batches (`batches`: a resumed run, one
+        process's share) gives exactly the samples a whole run gives at those indices. The
+        arguments are checked here, at the call (InputError), not when the first batch is drawn."""
         check_sampling_arguments(n, temperature, batch_size, top_p, min_distance, max_retries, charge_check, seed)
         cond = self.conditions(elements, ehull, spacegroup, formula=formula, formula_units=formula_units,
                                wyckoff=wyckoff, complete_sites=complete_sites)
         prefix = self.prompt_prefix(prompt, cond)
         self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
-        return self._samples(n, cond, prefix, temperature, seed, batch_size, top_p, min_distance, symprec,
-                             on_finished, int(max_retries), charge_check)
-
-    def _samples(self, n: int, cond: Conditions, prefix: tuple[list[int], list[float]] | None,
-                 temperature: float, seed: int, batch_size: int, top_p: float | None, min_distance: float,
-                 symprec: float, on_finished: Callable[[int], None] | None, max_retries: int,
-                 charge_check: str) -> Iterator[GeneratedCrystal]:
-        generator = torch.Generator(device=self.device).manual_seed(seed)
         sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance,
-                          max_retries=max_retries,
+                          max_retries=int(max_retries),
                           accept_sites=None if charge_check == "off" else functools.partial(_passes, charge_check))
-        index = 0
-        while index < n:
-            size = min(batch_size, n - index)
+        todo = range(math.ceil(n / batch_size)) if batches is None else batches
+        return self._batches(sampler, cond, prefix, n, seed, batch_size, on_finished, todo)
+
+    def _batches(self, sampler: Sampler, cond: Conditions, prefix: tuple[list[int], list[float]] | None, n: int,
+                 seed: int, batch_size: int, on_finished: Callable[[int], None] | None,
+                 batches: Iterable[int]) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+        for b in batches:
+            start = b * batch_size
+            size = min(batch_size, n - start)
+            generator = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
             parsers = [SequenceParser(self.vocab, self.limits, cond) for _ in range(size)]
             with _cpu_threads(self.cpu_threads if self.device.type == "cpu" else None):
                 batch = sampler.sample(parsers, generator=generator, on_step=on_finished, prefix=prefix)
-            for ids, values, retries in zip(batch.ids, batch.values, batch.retries):
-                result = self._result(index, CrystalSequence.from_ids(ids, values, self.vocab), temperature,
-                                      min_distance, symprec)
-                result.retries = retries
-                if result.structure is not None and not passes_charge_check(result.structure.composition,
-                                                                            charge_check):
-                    result.flags.append("not_charge_balanced")
-                yield result
-                index += 1
+            yield [(start + i, CrystalSequence.from_ids(ids, values, self.vocab), retries)
+                   for i, (ids, values, retries) in enumerate(zip(batch.ids, batch.values, batch.retries))]
+
+    def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
+                      spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
+                      batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
+                      min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
+                      on_finished: Callable[[int], None] | None = None,
+                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic",
+                      batches: Iterable[int] | None = None, **exact: Any) -> Iterator[GeneratedCrystal]:
+        """Like `generate`, one result at a time as batches finish, without duplicate marking
+        (`batches` and the exact conditions `formula`, `formula_units`, `wyckoff`, `complete_sites`,
+        `prompt`: see `iter_batches`). Checked at the call, like `iter_batches`."""
+        sequences = self.iter_batches(n, elements, ehull, spacegroup, temperature, seed, batch_size, top_p,
+                                      min_distance, on_finished, max_retries, charge_check, batches, **exact)
+        return (finish_sample(self.tokenizer, index, seq, retries, temperature, min_distance, symprec, charge_check)
+                for batch in sequences for index, seq, retries in batch)
 
     def generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
                  spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
@@ -400,21 +414,38 @@ class CrystalGenerator:
             mark_duplicates(results)
         return results
 
-    def _result(self, index: int, seq: CrystalSequence, temperature: float, min_distance: float,
-                symprec: float) -> GeneratedCrystal:
-        sg = next((int(t[3:]) for t in seq.tokens if t.startswith("sg:")), None)
-        try:
-            structure = self.tokenizer.decode(seq)
-        except DecodeError as e:  # not expected (the grammar prevents it), but recorded, never hidden
-            return GeneratedCrystal(index, seq, None, sg, None, None, temperature, ["decode_error"], str(e))
-        try:
-            check = check_structure(structure, sg, min_distance, symprec)
-        except (ValueError, ArithmeticError) as e:  # numerical failure on a degenerate cell: not written
-            return GeneratedCrystal(index, seq, structure, sg, None, None, temperature, ["too_close", "filter_error"],
-                                    f"distance/symmetry check failed: {_first_line(e)}",
-                                    charge_balanced=smact_valid(structure.composition))
-        return GeneratedCrystal(index, seq, structure, sg, check.detected_spacegroup, check.min_distance,
-                                temperature, check.flags, charge_balanced=smact_valid(structure.composition))
+
+def batch_seed(seed: int, batch: int) -> int:
+    """Seed of batch `batch`'s random stream in a run seeded `seed` (independent streams per batch)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, batch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def finish_sample(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, retries: int, temperature: float,
+                  min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
+                  charge_check: str = "ionic") -> GeneratedCrystal:
+    """A sampled sequence decoded and put through the filters (needs no model: runs in any process)."""
+    result = _result(tokenizer, index, seq, temperature, min_distance, symprec)
+    result.retries = retries
+    if result.structure is not None and not passes_charge_check(result.structure.composition, charge_check):
+        result.flags.append("not_charge_balanced")
+    return result
+
+
+def _result(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, temperature: float, min_distance: float,
+            symprec: float) -> GeneratedCrystal:
+    sg = next((int(t[3:]) for t in seq.tokens if t.startswith("sg:")), None)
+    try:
+        structure = tokenizer.decode(seq)
+    except DecodeError as e:  # not expected (the grammar prevents it), but recorded, never hidden
+        return GeneratedCrystal(index, seq, None, sg, None, None, temperature, ["decode_error"], str(e))
+    try:
+        check = check_structure(structure, sg, min_distance, symprec)
+    except (ValueError, ArithmeticError) as e:  # numerical failure on a degenerate cell: not written
+        return GeneratedCrystal(index, seq, structure, sg, None, None, temperature, ["too_close", "filter_error"],
+                                f"distance/symmetry check failed: {_first_line(e)}",
+                                charge_balanced=smact_valid(structure.composition))
+    return GeneratedCrystal(index, seq, structure, sg, check.detected_spacegroup, check.min_distance,
+                            temperature, check.flags, charge_balanced=smact_valid(structure.composition))
 
 
 def _passes(charge_check: str, desc: WyckoffDescription) -> bool:
@@ -422,7 +453,8 @@ def _passes(charge_check: str, desc: WyckoffDescription) -> bool:
 
 
 def mark_duplicates(results: list[GeneratedCrystal]) -> None:
-    """Flag valid results that match an earlier valid one (StructureMatcher) as "duplicate"."""
+    """Flag valid results that match an earlier valid one as "duplicate" (canonical forms compared
+    with StructureMatcher's tolerances, see wyckoffgpt.duplicates)."""
     valid = [r for r in results if r.valid]
     for r, match in zip(valid, find_duplicates([r.structure for r in valid])):
         if match is not None:

@@ -65,7 +65,8 @@ def _iter_csv(path: Path) -> Iterator[Record]:
 
 
 def _iter_cif_folder(path: Path) -> Iterator[Record]:
-    files = sorted(path.glob("*.cif"))
+    # Subfolders too: generate.py writes its structures in shards of 1,000 files.
+    files = sorted(path.rglob("*.cif"))
     if not files:
         raise InputError(f"folder {path} holds no .cif files")
     for f in files:

@@ -1,0 +1,119 @@
+"""Streamed runs: a run killed with SIGKILL and resumed has exactly n rows, each index once, and the
+rows an uninterrupted run has; structure files sit in shards of bounded size; a folder holding a
+run is never written over."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from random_model import save_random_model
+
+from wyckoffgpt import writer
+from wyckoffgpt.generation import CrystalGenerator
+from wyckoffgpt.writer import RunError, RunSettings, write_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    return save_random_model(tmp_path_factory.mktemp("model"))
+
+
+def rows(folder: Path) -> list[dict]:
+    with open(folder / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cli(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "generate.py"), "--model", str(model_dir), "--elements", "Al", "Ca", "Cu",
+            "-n", "120", "--batch-size", "8", "--seed", "3", "--out", str(out), *extra]
+
+
+def test_killed_run_resumes_to_exactly_n_rows_as_if_never_killed(model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(model_dir, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "summary.csv").exists() and len(rows(killed)) >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    children = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = len(rows(killed))
+    assert 20 <= before < 120
+
+    done = subprocess.run(cli(model_dir, killed, "--resume"), env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    resumed = rows(killed)
+    assert [int(r["index"]) for r in resumed] == list(range(120))
+
+    whole = tmp_path / "whole"
+    assert subprocess.run(cli(model_dir, whole), env=env, capture_output=True, check=False).returncode == 0
+    assert resumed == rows(whole)
+    files = sorted(p.relative_to(killed).as_posix() for p in killed.rglob("*.cif"))
+    assert files == sorted(r["file"] for r in resumed if r["file"])
+    # The killed run's worker process went with it.
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(c) for c in children):
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_files_in_shards_and_an_existing_run_is_not_overwritten(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "SHARD_SIZE", 7)
+    gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
+    settings = RunSettings(40, elements=["Na", "Cl"], seed=1, batch_size=16)
+    counts = write_run(gen, settings, tmp_path / "run", worker=False)
+    assert counts.sampled == 40 and counts.valid == sum(1 for r in rows(tmp_path / "run") if r["file"])
+    shards = [p for p in (tmp_path / "run").iterdir() if p.is_dir()]
+    assert shards and all(len(list(p.iterdir())) <= 7 for p in shards)
+    before = (tmp_path / "run" / "summary.csv").read_bytes()
+    with pytest.raises(RunError, match="already holds a run"):
+        write_run(gen, settings, tmp_path / "run", worker=False)
+    with pytest.raises(RunError, match="seed differs"):
+        write_run(gen, RunSettings(40, elements=["Na", "Cl"], seed=2, batch_size=16), tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "summary.csv").read_bytes() == before
+
+
+def test_worker_process_gives_the_same_rows(model_dir, tmp_path):
+    gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
+    settings = {"n": 24, "elements": ["Al", "Ca", "Cu"], "seed": 4, "batch_size": 8}
+    write_run(gen, RunSettings(**settings), tmp_path / "inline", worker=False)
+    write_run(gen, RunSettings(**settings), tmp_path / "worker", worker=True)
+    assert rows(tmp_path / "inline") == rows(tmp_path / "worker")
+
+
+def test_parts_of_several_processes_merge_into_the_one_process_summary(model_dir, tmp_path):
+    from wyckoffgpt.writer import Share
+
+    gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
+    settings = {"n": 30, "elements": ["Na", "Cl"], "seed": 6, "batch_size": 4}
+    write_run(gen, RunSettings(**settings), tmp_path / "one", worker=False, share=Share(0, 1))
+    # What torchrun --nproc_per_node 3 does, one rank after the other; rank 0 merges.
+    for rank in (2, 1, 0):
+        write_run(gen, RunSettings(**settings), tmp_path / "three", worker=False, share=Share(rank, 3))
+    assert rows(tmp_path / "three") == rows(tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "three").iterdir() if p.is_file()) == ["run.json", "summary.csv"]

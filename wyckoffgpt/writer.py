@@ -1,0 +1,433 @@
+"""Generation runs streamed to a folder in constant memory, resumable after a kill.
+
+    counts = write_run(generator, RunSettings(n=2000, elements=["Al", "Ca", "Cu"], ehull="low", seed=0), "out/")
+
+The folder holds `run.json` (the settings, written first), `summary.csv` (one row per sample, in
+index order, flushed as it is made) and the structure files of the valid samples in shards,
+subfolders of at most SHARD_SIZE files (`0000/00012_CaAlCu_sg191.cif`). Memory holds only the
+duplicate index (`duplicates.DuplicateIndex`, grown one structure at a time) and counters.
+
+Both cores: the main process samples (the model) while one worker process decodes, filters,
+writes the structure files and keeps the duplicate index, a batch behind, and hands back the rows.
+
+Resume: batch b is drawn from its own random stream (`generation.batch_seed`), so a run killed at
+any point continues with `resume=True` from the rows it had written: the summary is cut back to
+its last complete row, the duplicate index is rebuilt from the written rows' sequences, and the
+missing indices are drawn again, giving the rows an uninterrupted run gives.
+"""
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import json
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pymatgen.core import Structure
+
+from .atomic import atomic_write
+from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC
+from .duplicates import DuplicateIndex
+from .generation import (DEFAULT_BATCH_SIZE, CrystalGenerator, GeneratedCrystal, check_sampling_arguments,
+                         finish_sample)
+from .sampling import MAX_RETRIES
+from .tokenizer import CrystalSequence, CrystalTokenizer
+from .vocab import Vocab
+
+SHARD_SIZE = 1000  # structure files per subfolder
+FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "json": ".json"}
+CSV_FIELDS = ["index", "file", "formula", "reduced_formula", "requested_spacegroup", "detected_spacegroup",
+              "num_sites", "density", "min_distance", "charge_balanced", "flags", "retries", "temperature", "sequence"]
+SETTINGS_FILE = "run.json"
+SUMMARY_FILE = "summary.csv"
+
+
+class RunError(ValueError):
+    """Settings out of range, or a folder that cannot take this run (it holds another run, or a
+    resume asks for other settings); the one-line message says which."""
+
+
+@dataclass
+class RunSettings:
+    """Everything that decides a run's samples (see `CrystalGenerator.generate` for each), and the
+    file format. `seed` None: drawn at the start and recorded in run.json."""
+
+    n: int
+    elements: list[str] | None = None
+    ehull: str | None = None
+    spacegroup: int | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    min_distance: float = DEFAULT_MIN_DISTANCE  # Å
+    max_retries: int = MAX_RETRIES
+    charge_check: str = "ionic"
+    format: str = "cif"
+    model: str | None = None  # as given (folder or Hub id); recorded, not used here
+    formula: str | None = None  # exact conditions: see CrystalGenerator.generate
+    formula_units: list[int] | None = None
+    wyckoff: str | None = None
+    complete_sites: bool = False
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        # The generator's own checks (InputError); the format is the writer's.
+        check_sampling_arguments(self.n, self.temperature, self.batch_size, self.top_p, self.min_distance,
+                                 self.max_retries, self.charge_check, self.seed)
+        if self.format not in FORMATS:
+            raise RunError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.formula_units is not None:
+            self.formula_units = [int(k) for k in self.formula_units]  # a list, as run.json records it
+
+    def exact_conditions(self) -> dict:
+        return {"formula": self.formula, "formula_units": self.formula_units, "wyckoff": self.wyckoff,
+                "complete_sites": self.complete_sites, "prompt": self.prompt}
+
+
+@dataclass
+class RunCounts:
+    """Tallies of a run's rows, for the printed summary."""
+
+    sampled: int = 0
+    decoded: int = 0
+    placed: int = 0  # decoded and passed the distance filter
+    balanced: int = 0  # of those, charge-balanced (SMACT)
+    unbalanced: int = 0  # failed the charge check in force (not written)
+    retried: int = 0
+    retries: int = 0
+    valid: int = 0  # written
+    consistent: int = 0  # written, space group as stated
+    unique: int = 0  # written, no earlier duplicate
+
+    def add(self, row: dict) -> None:
+        flags = row["flags"].split(":")[0].split("|") if row["flags"] else []
+        self.sampled += 1
+        self.decoded += bool(row["formula"])
+        placed = bool(row["formula"]) and "too_close" not in flags
+        self.placed += placed
+        self.balanced += placed and row["charge_balanced"] == "true"
+        self.unbalanced += placed and "not_charge_balanced" in flags
+        self.retried += int(row["retries"]) > 0
+        self.retries += int(row["retries"])
+        self.valid += bool(row["file"])
+        self.consistent += bool(row["file"]) and "spacegroup_mismatch" not in flags
+        self.unique += bool(row["file"]) and "duplicate" not in flags
+
+
+def structure_text(structure: Structure, fmt: str) -> str:
+    if fmt == "cif":
+        from pymatgen.io.cif import CifWriter
+
+        return str(CifWriter(structure))
+    if fmt == "json":
+        return json.dumps(structure.as_dict())
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    buf = io.StringIO()
+    write(buf, AseAtomsAdaptor.get_atoms(structure), format="extxyz")
+    return buf.getvalue()
+
+
+def structure_file(result: GeneratedCrystal, fmt: str) -> str:
+    """Path of a valid result's file inside the run folder: its shard, then index, formula, group."""
+    return (f"{result.index // SHARD_SIZE:04d}/{result.index:05d}_{result.structure.composition.reduced_formula}"
+            f"_sg{result.spacegroup}{FORMATS[fmt]}")
+
+
+def write_structure(out: Path, result: GeneratedCrystal, fmt: str) -> str:
+    """Write a valid result's file into its shard of `out`; its path in the folder, "" if not valid."""
+    if not result.valid:
+        return ""
+    file = structure_file(result, fmt)
+    (out / file).parent.mkdir(exist_ok=True)
+    atomic_write(out / file, structure_text(result.structure, fmt))
+    return file
+
+
+def write_results(results: Iterable[GeneratedCrystal], out: str | os.PathLike, fmt: str = "cif") -> RunCounts:
+    """Finished results (duplicates already flagged, e.g. a sweep's) written as a run folder holds
+    them: structure files in shards and summary.csv, in the order given."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = RunWriter(out)
+    try:
+        for r in results:
+            writer.write(summary_row(r, write_structure(out, r, fmt)))
+    finally:
+        writer.close()
+    return writer.counts
+
+
+def summary_row(r: GeneratedCrystal, file: str) -> dict:
+    s = r.structure
+    return {
+        "index": r.index, "file": file,
+        "formula": s.formula.replace(" ", "") if s is not None else "",
+        "reduced_formula": s.composition.reduced_formula if s is not None else "",
+        "requested_spacegroup": r.spacegroup if r.spacegroup is not None else "",
+        "detected_spacegroup": r.detected_spacegroup if r.detected_spacegroup is not None else "",
+        "num_sites": len(s) if s is not None else "",
+        "density": f"{s.density:.4f}" if s is not None else "",
+        "min_distance": f"{r.min_distance:.4f}" if r.min_distance is not None else "",
+        "charge_balanced": "" if r.charge_balanced is None else str(r.charge_balanced).lower(),
+        "flags": "|".join(r.flags) + (f": {r.error}" if r.error else ""),
+        "retries": r.retries,
+        "temperature": r.temperature, "sequence": str(r.sequence),
+    }
+
+
+# -- the worker's side: decode, filter, write the file, flag duplicates -------------------------------
+
+class _Finisher:
+    """Turns sampled sequences into summary rows and files, flagging duplicates as it goes (batches
+    arrive in index order, so "earlier" means a lower index)."""
+
+    def __init__(self, vocab: Vocab, settings: RunSettings, out: Path, index: DuplicateIndex,
+                 symprec: float = DEFAULT_SYMPREC):
+        self.tokenizer = CrystalTokenizer(vocab)
+        self.settings, self.out, self.index, self.symprec = settings, out, index, symprec
+
+    def __call__(self, batch: list[tuple[int, CrystalSequence, int]]) -> list[dict]:
+        s = self.settings
+        rows = []
+        for index, seq, retries in batch:
+            r = finish_sample(self.tokenizer, index, seq, retries, s.temperature, s.min_distance, self.symprec,
+                              s.charge_check)
+            file = write_structure(self.out, r, s.format)
+            if file and self.index.add(r.structure, r.index) is not None:
+                r.flags.append("duplicate")
+            rows.append(summary_row(r, file))
+        return rows
+
+
+_WORKER: _Finisher | None = None
+
+
+def _init_worker(*args) -> None:
+    global _WORKER
+    _WORKER = _Finisher(*args)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    # A killed sampler (SIGKILL: no cleanup runs) would leave its worker waiting for work forever.
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
+def _finish_in_worker(batch: list) -> list[dict]:
+    return _WORKER(batch)
+
+
+# -- the main process's side -------------------------------------------------------------------------
+
+class RunWriter:
+    """summary.csv rows, in index order, each flushed as it is written."""
+
+    def __init__(self, out: Path, resume: bool = False, vocab: Vocab | None = None, name: str = SUMMARY_FILE):
+        self.out = Path(out)
+        self.index = DuplicateIndex(vocab=vocab)  # of the rows written, for the finisher to go on with
+        self.counts = RunCounts()
+        self.done: set[int] = set()
+        summary = self.out / name
+        if resume:
+            self._reload(summary, vocab)
+        self._file = open(summary, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
+        if not self.done:
+            self._file.truncate(0)
+            self._csv.writeheader()
+            self._file.flush()
+
+    def _reload(self, summary: Path, vocab: Vocab | None) -> None:
+        if not summary.exists():
+            return
+        data = summary.read_bytes()
+        complete = data[:data.rfind(b"\n") + 1]  # a kill mid-row leaves a partial last line
+        if len(complete) != len(data):
+            with open(summary, "r+b") as f:
+                f.truncate(len(complete))
+        tokenizer = CrystalTokenizer(vocab) if vocab else CrystalTokenizer()
+        for row in csv.DictReader(io.StringIO(complete.decode())):
+            self.done.add(int(row["index"]))
+            self.counts.add(row)
+            if row["file"] and "duplicate" not in row["flags"]:
+                structure = tokenizer.decode(CrystalSequence.from_string(row["sequence"], tokenizer.vocab))
+                self.index.add(structure, int(row["index"]))
+
+    def write(self, row: dict) -> None:
+        self._csv.writerow(row)
+        self._file.flush()
+        self.counts.add(row)
+        self.done.add(int(row["index"]))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _record_settings(out: Path, settings: RunSettings, resume: bool) -> RunSettings:
+    """Write run.json, or on resume check the settings against it (a recorded seed fills a missing one)."""
+    path = out / SETTINGS_FILE
+    if resume and path.exists():
+        recorded = RunSettings(**json.loads(path.read_text()))
+        given = asdict(settings)
+        if given["seed"] is None:
+            given["seed"] = recorded.seed
+        differ = [k for k, v in given.items() if v != getattr(recorded, k)]
+        if differ:
+            raise RunError(f"--resume: {differ[0]} differs from the run in {out} "
+                           f"({given[differ[0]]!r} vs {getattr(recorded, differ[0])!r})")
+        return recorded
+    atomic_write(path, json.dumps(asdict(settings), indent=1))
+    return settings
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part of a run made by several (torchrun, accelerate launch: RANK, WORLD_SIZE):
+    rank r draws the batches b with b % world == r, writes its files and `summary.rank{r}.csv`, and
+    rank 0 merges the parts into one summary.csv, flagging duplicates across them."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Share:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    @property
+    def part(self) -> str:
+        return SUMMARY_FILE if self.world == 1 else f"summary.rank{self.rank}.csv"
+
+
+def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLike, resume: bool = False,
+              worker: bool | None = None, on_finished: Callable[[int], None] | None = None,
+              share: Share | None = None) -> RunCounts:
+    """Sample `settings.n` crystals into folder `out` (see the module docstring). `worker`: decode,
+    filter and write in a second process while this one samples (default: when more than one core
+    is available per process). `share`: this process's part of a run made by several (default: from
+    the environment torchrun sets); rank 0 returns the whole run's counts, the others their own."""
+    out = Path(out)
+    share = share or Share.from_env()
+    if share.world > 1 and (resume or settings.seed is None):
+        raise RunError("a run made by several processes needs --seed (all draw from it) and cannot be resumed")
+    out.mkdir(parents=True, exist_ok=True)
+    held = [out / SUMMARY_FILE, out / share.part] + ([out / SETTINGS_FILE] if share.rank == 0 else [])
+    if not resume and any(p.exists() for p in held):
+        raise RunError(f"{out} already holds a run; resume it or choose another folder")
+    exact = settings.exact_conditions()
+    gen.prompt_prefix(exact["prompt"], gen.conditions(settings.elements, settings.ehull, settings.spacegroup,
+                                                      **{k: v for k, v in exact.items() if k != "prompt"}))
+    if settings.seed is None:
+        import secrets
+
+        settings.seed = secrets.randbits(63)
+    if share.rank == 0:
+        settings = _record_settings(out, settings, resume)
+    writer = RunWriter(out, resume, gen.vocab, share.part)
+    s = settings
+    n_batches = -(-s.n // s.batch_size)
+    todo = [b for b in range(share.rank, n_batches, share.world)
+            if any(i not in writer.done for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.n)))]
+    if on_finished is not None and writer.done:
+        on_finished(len(writer.done))
+    finisher_args = (gen.vocab, s, out, writer.index)
+    use_worker = default_worker(share.world) if worker is None else worker
+    pool = _pool(finisher_args) if use_worker else None
+    try:
+        pending: deque[Future | list] = deque()
+        finish = _Finisher(*finisher_args) if pool is None else None
+        batches = gen.iter_batches(s.n, s.elements, s.ehull, s.spacegroup, s.temperature, s.seed, s.batch_size,
+                                   s.top_p, s.min_distance, on_finished, s.max_retries, s.charge_check, todo,
+                                   **exact)
+        for batch in batches:
+            batch = [item for item in batch if item[0] not in writer.done]
+            pending.append(finish(batch) if pool is None else pool.submit(_finish_in_worker, batch))
+            # The worker runs a batch behind the sampler; more in flight would only hold memory.
+            while len(pending) > 1 or (pending and isinstance(pending[0], list)):
+                _drain(pending.popleft(), writer)
+        while pending:
+            _drain(pending.popleft(), writer)
+    finally:
+        writer.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    gen.last_seed = s.seed
+    if share.world == 1:
+        return writer.counts
+    atomic_write(out / f"{share.part}.done", "")
+    return merge_parts(out, share.world, gen.vocab) if share.rank == 0 else writer.counts
+
+
+def merge_parts(out: Path, world: int, vocab: Vocab | None = None, poll_s: float = 0.2) -> RunCounts:
+    """Rank 0: wait for every rank's finished part, then write one summary.csv in index order with
+    duplicates flagged across the parts (a row its own rank found a duplicate stays one), and
+    remove the parts."""
+    parts = [out / Share(r, world).part for r in range(world)]
+    while not all(Path(f"{p}.done").exists() for p in parts):
+        time.sleep(poll_s)
+    tokenizer = CrystalTokenizer(vocab) if vocab else CrystalTokenizer()
+    index = DuplicateIndex(vocab=tokenizer.vocab)
+    counts = RunCounts()
+
+    def write(f) -> None:
+        # Each part is in index order: a k-way merge streams them (memory: the duplicate index).
+        text = io.TextIOWrapper(f, newline="")
+        merged = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+        merged.writeheader()
+        files = [open(p, newline="") for p in parts]
+        try:
+            for row in heapq.merge(*map(csv.DictReader, files), key=lambda r: int(r["index"])):
+                if row["file"] and "duplicate" not in row["flags"]:
+                    structure = tokenizer.decode(CrystalSequence.from_string(row["sequence"], tokenizer.vocab))
+                    if index.add(structure, int(row["index"])) is not None:
+                        row["flags"] = f"{row['flags']}|duplicate" if row["flags"] else "duplicate"
+                merged.writerow(row)
+                counts.add(row)
+        finally:
+            for f_part in files:
+                f_part.close()
+        text.flush()
+        text.detach()
+
+    atomic_write(out / SUMMARY_FILE, write)
+    for p in parts:
+        p.unlink()
+        Path(f"{p}.done").unlink()
+    return counts
+
+
+def _drain(item: Future | list, writer: RunWriter) -> None:
+    for row in (item.result() if isinstance(item, Future) else item):
+        writer.write(row)
+
+
+def _pool(finisher_args: tuple) -> ProcessPoolExecutor:
+    # One worker: it holds the duplicate index and takes the batches in order.
+    # fork: the worker inherits the imported modules instead of importing them again on a busy
+    # core; it is started at once, before the sampler's first forward pass starts torch's threads.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
+                               initializer=_init_worker, initargs=finisher_args)
+    pool.submit(int).result()
+    return pool
+
+
+def default_worker(processes: int = 1) -> bool:
+    """A worker beside the sampler when each of `processes` such processes has two cores or more."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return cores >= 2 * processes
