@@ -1,5 +1,5 @@
 """Duplicates from canonical forms (wyckoffgpt.duplicates) against pairwise StructureMatcher
-(wyckoffgpt.decode.find_duplicates): agreement and time. The last line printed is one JSON object.
+(wyckoffgpt.decode.find_duplicates_pairwise): agreement and time. The last line printed is one JSON object.
 
 For each sample set (Al-Ca-Cu with ehull low, and unconditional; -n each, seed 0, bundled model or
 --model), the valid structures go through both methods in the same order. Each method assigns
@@ -57,7 +57,7 @@ def sample_set(name: str, n: int, model: str | None, cache: Path | None) -> list
 
 def cached_matcher(structures: list, path: Path | None) -> tuple[list, float]:
     """StructureMatcher's answer and its time (kept with --cache: it is the slow half)."""
-    from wyckoffgpt.decode import find_duplicates
+    from wyckoffgpt.decode import find_duplicates_pairwise as find_duplicates
 
     if path is not None and path.is_file():
         return pickle.loads(path.read_bytes())

@@ -7,7 +7,7 @@ import numpy as np
 from pymatgen.core import Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
-from wyckoffgpt.decode import find_duplicates as matcher_duplicates
+from wyckoffgpt.decode import find_duplicates_pairwise as matcher_duplicates
 from wyckoffgpt.duplicates import DuplicateIndex, MatchTolerances, find_duplicates
 
 

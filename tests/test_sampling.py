@@ -9,7 +9,8 @@ import torch
 from pymatgen.core import Lattice, Structure
 from random_model import save_random_model
 
-from wyckoffgpt.decode import check_structure, find_duplicates, min_distance, to_structure
+from wyckoffgpt.decode import check_structure, min_distance, to_structure
+from wyckoffgpt.duplicates import find_duplicates
 from wyckoffgpt.grammar import Conditions, DecodeError, Limits, SequenceParser, check_conditions, parse
 from wyckoffgpt.vocab import default_vocab
 

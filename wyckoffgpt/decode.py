@@ -184,8 +184,9 @@ def check_structure(structure: Structure, spacegroup: int, min_dist: float = DEF
     return StructureCheck(d, found, flags)
 
 
-def find_duplicates(structures: list[Structure | None]) -> list[int | None]:
-    """For each structure, the index of an earlier structure it matches (pymatgen StructureMatcher,
+def find_duplicates_pairwise(structures: list[Structure | None]) -> list[int | None]:
+    """The reference answer that `duplicates.find_duplicates` reproduces from canonical forms, at
+    quadratic cost: for each structure, the index of an earlier structure it matches (StructureMatcher,
     default tolerances), or None. Only structures with the same reduced formula are compared."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 

@@ -334,6 +334,6 @@ def _restore(lattice: np.ndarray, numbers: np.ndarray, coords: np.ndarray) -> St
 def find_duplicates(structures: Sequence[Structure | None], tolerances: MatchTolerances | None = None
                     ) -> list[int | None]:
     """For each structure, the index of an earlier structure it matches, or None (also for None
-    entries): the same contract as `decode.find_duplicates`, from canonical forms."""
+    entries): the same contract as `decode.find_duplicates_pairwise`, from canonical forms."""
     index = DuplicateIndex(tolerances)
     return [None if s is None else index.add(s, i) for i, s in enumerate(structures)]

@@ -39,7 +39,8 @@ import numpy as np
 from pymatgen.core import Structure
 
 from .chemistry import smact_valid
-from .decode import detected_spacegroup, find_duplicates
+from .decode import detected_spacegroup
+from .duplicates import find_duplicates
 from .descriptions import CRYSTAL_SYSTEMS, crystal_system, description_density
 from .fingerprints import INDEX_FILE, FingerprintIndex, build_fingerprint_index
 from .grammar import parse
