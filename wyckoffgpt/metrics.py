@@ -39,8 +39,7 @@ import numpy as np
 from pymatgen.core import Structure
 
 from .chemistry import smact_valid
-from .decode import detected_spacegroup
-from .duplicates import find_duplicates
+from .decode import detected_spacegroup, find_duplicates_pairwise
 from .descriptions import CRYSTAL_SYSTEMS, crystal_system, description_density
 from .fingerprints import INDEX_FILE, FingerprintIndex, build_fingerprint_index
 from .grammar import parse
@@ -54,8 +53,10 @@ CDVAE_MIN_DISTANCE = 0.5  # Å; the structural-validity threshold of CDVAE-style
 # -- flags over a list of structures ---------------------------------------------------------------
 
 def unique_flags(structures: Sequence[Structure]) -> list[bool]:
-    """True for each structure that matches no earlier one (the first of each group of duplicates)."""
-    return [match is None for match in find_duplicates(list(structures))]
+    """True for each structure that matches no earlier one (the first of each group of duplicates).
+    Pairwise StructureMatcher, not the canonical forms of `wyckoffgpt.duplicates`: a metric must also
+    hold for structures that are not generated (a jittered copy falls to lower symmetry, another key)."""
+    return [match is None for match in find_duplicates_pairwise(list(structures))]
 
 
 def novel_flags(structures: Sequence[Structure], reference: ReferenceSet | FingerprintIndex) -> list[bool]:
