@@ -78,10 +78,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Import after argument parsing so --help stays fast.
-    from wyckoffgpt.training import TrainingError, train, train_config_from_dict
-
     import torch
     from accelerate import PartialState
+
+    from wyckoffgpt.training import TrainingError, train, train_config_from_dict
 
     # Joining the process group here (the Accelerator created by train() reuses it) reports the real
     # world size, not what the launcher asked for. cpu=True on GPU-less machines: see training.py.

@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
               **summary}
     print(f"| structures | match k=1 | match k={args.k} | RMS k=1 | RMS k={args.k} | s per formula |")
     print("|---|---|---|---|---|---|")
-    fmt = (lambda x: "-" if x is None else f"{x:.4f}")
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
     print(f"| {summary['structures']} | {100 * summary['match_rate_k1']:.2f} % | "
           f"{100 * summary[f'match_rate_k{args.k}']:.2f} % | {fmt(summary['rms_k1'])} | "
           f"{fmt(summary[f'rms_k{args.k}'])} | {summary['seconds_per_formula']:.2f} |")

@@ -88,6 +88,7 @@ def test_plain_transformers_loads_the_bundled_folder_without_this_package(tmp_pa
     assert remote["class"].startswith("transformers_modules") and not remote["wyckoffgpt_imported"]
 
     import torch
+
     from wyckoffgpt.modeling_wyckoffgpt import WyckoffGPTModel
 
     model = WyckoffGPTModel.from_pretrained(folder).eval()

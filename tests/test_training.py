@@ -134,6 +134,7 @@ def test_length_sorted_pieces_change_only_the_padding_not_the_step(dataset, tmp_
     """A batch of 16 run as 4 pieces of similar length makes the same optimizer steps as run whole."""
     whole = train(quick(dataset, tmp_path / "whole", batch_size=16, max_steps=3, eval_every=0, length_sorted_pieces=1))
     split = train(quick(dataset, tmp_path / "split", batch_size=16, max_steps=3, eval_every=0, length_sorted_pieces=4))
+    assert whole["step"] == split["step"] == 3
     for ra, rb in zip(log_rows(tmp_path / "whole"), log_rows(tmp_path / "split")):
         assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-5)
     wa = load_file(str(tmp_path / "whole" / "model.safetensors"))

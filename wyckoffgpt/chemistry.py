@@ -6,7 +6,7 @@ composition features of training (`composition.py`) can use them without pulling
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import cache
 
 from pymatgen.core import Composition
 
@@ -19,7 +19,7 @@ def smact_valid(composition: Composition | str) -> bool:
     return _smact_valid_reduced(comp.reduced_formula)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _smact_valid_reduced(reduced_formula: str, mixed_valence: bool = False) -> bool:
     # The test depends only on the element ratios, so one answer per reduced formula serves all
     # the (many repeated) compositions of a sample set or of the training data.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from functools import lru_cache
 
 import numpy as np
 
@@ -32,7 +31,7 @@ def feature_size(slots: int, charge: bool = False) -> int:
     return 2 * slots + 2 + int(charge)
 
 
-@lru_cache(maxsize=None)
+@functools.cache
 def _charge_balanced(placed: tuple[tuple[str, int], ...]) -> bool:
     """SMACT validity of the placed atoms ((symbol, count), ...)."""
     from .chemistry import smact_valid  # pymatgen and smact: only for models that read this feature
@@ -64,7 +63,7 @@ class _Tables:
                 self.multiplicity[(n, vocab.token_to_id[p.orbit])] = p.multiplicity
 
 
-@lru_cache(maxsize=None)
+@functools.cache
 def _tables(vocab: Vocab) -> _Tables:
     return _Tables(vocab)
 

@@ -167,7 +167,7 @@ class WyckoffGPTConfig(PreTrainedConfig):
         )
 
     @classmethod
-    def from_preset(cls, name: str, **fields: Any) -> "WyckoffGPTConfig":
+    def from_preset(cls, name: str, **fields: Any) -> WyckoffGPTConfig:
         """Config of a named architecture preset; `fields` (vocabulary facts, overrides) win over it."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")

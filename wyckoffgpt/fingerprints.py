@@ -30,9 +30,9 @@ from pymatgen.core import Structure
 
 from .atomic import atomic_write
 from .data import SequenceDataset, load_meta
+from .descriptions import description_composition, prototype_key
 from .duplicates import DuplicateIndex, canonical_form, description_form
 from .grammar import DecodeError, parse
-from .descriptions import description_composition, prototype_key
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import Vocab, default_vocab
 
@@ -127,7 +127,7 @@ class FingerprintIndex:
         self._forms: dict[str, DuplicateIndex] = {}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, vocab: Vocab | None = None) -> "FingerprintIndex":
+    def load(cls, path: str | os.PathLike, vocab: Vocab | None = None) -> FingerprintIndex:
         """Load an index file, or the `fingerprints.npz` inside a model folder."""
         path = Path(path)
         if path.is_dir():

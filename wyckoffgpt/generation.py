@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from pymatgen.core import Element, Structure
 
+from .chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
 from .conditioning import ConditioningError, check_prompt, parse_formula, parse_prompt, parse_wyckoff
 from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure
+from .descriptions import description_composition
 from .duplicates import find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDescription, check_conditions
-from .chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
-from .descriptions import description_composition
 from .sampling import MAX_RETRIES, Sampler
 from .structure_io import InputError
 from .tokenizer import CrystalSequence, CrystalTokenizer
@@ -223,7 +223,7 @@ class CrystalGenerator:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None = None, device: str | torch.device | None = None,
-                        limits: Limits | None = None, cpu_threads: int | None = None) -> "CrystalGenerator":
+                        limits: Limits | None = None, cpu_threads: int | None = None) -> CrystalGenerator:
         """Load a model folder (config.json, weights, tokenizer files) or Hub repo id; None: the
         bundled default model. Raises InputError for a missing or corrupt model."""
         from .modeling_wyckoffgpt import WyckoffGPTModel

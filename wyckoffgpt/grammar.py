@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -230,7 +230,7 @@ class _Rules:
         return n_elements <= lim.max_sites and self.budgets[number].completion_atoms(-1, n_elements, 0) <= lim.max_atoms
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rules(vocab: Vocab, limits: Limits) -> _Rules:
     return _Rules(vocab, limits)
 

@@ -17,7 +17,7 @@ order or supercell:
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import spglib
@@ -70,7 +70,7 @@ def _std_orbits(data, structure: Structure) -> list[tuple[int, np.ndarray, np.nd
     return [(int(types[orbit_of == o][0]), coords[orbit_of == o], raw[raw_orbit == o]) for o in np.unique(orbit_of)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _solve_rows(pos: WyckoffPosition) -> list[tuple[int, int, float]]:
     """For each free axis j: a row i of the representative op where j appears alone, and its sign."""
     rep = pos.rotations[0]

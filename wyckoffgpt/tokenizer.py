@@ -9,7 +9,7 @@ import numpy as np
 from pymatgen.core import Structure
 
 from .decode import to_structure
-from .grammar import DecodeError, Site, WyckoffDescription, parse
+from .grammar import DecodeError, WyckoffDescription, parse
 from .symmetry import EncodeError, describe_structure
 from .vocab import COORD_TOKENS, LATTICE_TOKENS, Vocab, default_vocab
 
@@ -38,7 +38,7 @@ class CrystalSequence:
         return " ".join(f"{t}={v!r}" if t in _VALUE_TOKENS else t for t, v in zip(self.tokens, self.values.tolist()))
 
     @classmethod
-    def from_tokens(cls, tokens: list[str], values: list[float], vocab: Vocab | None = None) -> "CrystalSequence":
+    def from_tokens(cls, tokens: list[str], values: list[float], vocab: Vocab | None = None) -> CrystalSequence:
         vocab = vocab or default_vocab()
         unknown = [t for t in tokens if t not in vocab.token_to_id]
         if unknown:
@@ -47,7 +47,7 @@ class CrystalSequence:
                    np.array(values, dtype=np.float64))
 
     @classmethod
-    def from_ids(cls, ids, values, vocab: Vocab | None = None) -> "CrystalSequence":
+    def from_ids(cls, ids, values, vocab: Vocab | None = None) -> CrystalSequence:
         vocab = vocab or default_vocab()
         ids = np.asarray(ids, dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= len(vocab))]
@@ -56,7 +56,7 @@ class CrystalSequence:
         return cls([vocab.tokens[i] for i in ids.tolist()], ids, np.asarray(values, dtype=np.float64))
 
     @classmethod
-    def from_string(cls, text: str, vocab: Vocab | None = None) -> "CrystalSequence":
+    def from_string(cls, text: str, vocab: Vocab | None = None) -> CrystalSequence:
         tokens, values = [], []
         for word in text.split():
             name, sep, num = word.partition("=")

@@ -21,12 +21,12 @@ import os
 import re
 import shutil
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-import types
-import typing
 from typing import Any
 
 import numpy as np
@@ -37,9 +37,9 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .configuration_wyckoffgpt import PRESET_TRAINING, PRESETS, WyckoffGPTConfig
 from .atomic import atomic_write
 from .composition import feature_function
+from .configuration_wyckoffgpt import PRESET_TRAINING, PRESETS, WyckoffGPTConfig
 from .data import VOCAB_FIELDS, DatasetError, SequenceDataset, collate, load_meta
 from .modeling_wyckoffgpt import WyckoffGPTModel
 from .vocab import default_vocab

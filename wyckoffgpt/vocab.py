@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -125,7 +125,7 @@ class Vocab:
         }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _group_table(vocab: Vocab, number: int) -> SpaceGroupTable:
     raw = vocab._raw_groups[number]
     d = vocab._denominator

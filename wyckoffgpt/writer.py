@@ -36,8 +36,7 @@ from pymatgen.core import Structure
 from .atomic import atomic_write
 from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC
 from .duplicates import DuplicateIndex
-from .generation import (DEFAULT_BATCH_SIZE, CrystalGenerator, GeneratedCrystal, check_sampling_arguments,
-                         finish_sample)
+from .generation import DEFAULT_BATCH_SIZE, CrystalGenerator, GeneratedCrystal, check_sampling_arguments, finish_sample
 from .sampling import MAX_RETRIES
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import Vocab
