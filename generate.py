@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 FORMATS = ["cif", "extxyz", "json"]  # wyckoffgpt.writer.FORMATS, without importing the library for --help
@@ -305,6 +306,10 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Deprecation notices between pymatgen and its own dependencies (e.g. older pymatgen on newer monty)
+    # are for their developers; on this command's stderr they would bury its one-line messages.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"pymatgen\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pymatgen\.")
     try:
         return run(parse_args(argv))
     except UsageError as e:
