@@ -135,3 +135,4 @@ def test_hub_repo_id_is_read_from_the_local_cache(dataset, base, tmp_path):
     assert proc.returncode == 0, proc.stderr
     card = (out / "README.md").read_text()
     assert "base_model: someone/tiny-crystals" in card and "Hugging Face Hub model `someone/tiny-crystals`" in card
+

@@ -427,7 +427,10 @@ def _export_tokenizer(out: Path, vocab_hash: str) -> None:
 
 def resolve_init_from(init_from: str) -> Path:
     """The model folder that `TrainConfig.init_from` names (see there); TrainingError if none."""
-    # Imported here: generation needs pymatgen, which training from scratch does not.
+    folder = Path(init_from).expanduser()
+    if init_from != BUNDLED_INIT and folder.is_dir():
+        return folder
+    # Imported here: generation needs pymatgen, which training from a model folder does not.
     from .generation import InputError, resolve_model_path
 
     try:
