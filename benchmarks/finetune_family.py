@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--element", default="O", help="the family: crystals containing this element")
     p.add_argument("--model", default="bundled", help="base model: 'bundled', a folder or a Hub repo id")
     p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: the small preset's)")
     p.add_argument("--n", type=int, default=300, help="unconditional samples per model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"], help="of the fine-tuning")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"base: {before}", flush=True)
     start = time.perf_counter()
     summary = train(TrainConfig(data_dir=str(out / "data"), out_dir=str(out / "model"), init_from=args.model,
-                                max_steps=args.max_steps, seed=args.seed, mixed_precision=args.mixed_precision,
+                                max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed, mixed_precision=args.mixed_precision,
                                 log_every=10, progress=False,
                                 command="python " + " ".join(sys.argv)))  # fmt: skip
     train_s = time.perf_counter() - start

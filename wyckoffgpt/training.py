@@ -74,7 +74,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     epochs: int = 10
     max_steps: int | None = None  # overrides epochs when set
-    max_lr: float | None = None  # None: the preset's (paper: 2e-4); fine-tuning: 1e-4
+    max_lr: float | None = None  # None: the preset's (paper: 2e-4); fine-tuning: 3e-5
     # One-cycle: linear warm-up over this fraction of the steps, then linear decay. None: 0.05;
     # fine-tuning: 0.02.
     warmup_frac: float | None = None
@@ -114,12 +114,13 @@ class TrainConfig:
 
 BUNDLED_INIT = "bundled"  # init_from value naming the model bundled with the package
 # Settings in force when they are left None: training from scratch, and fine-tuning (init_from set).
-# Fine-tuning starts from a model at a loss minimum: a peak learning rate 10x below the small preset's
-# keeps it near that minimum, a short warm-up suffices because the optimizer state is new but the
-# weights are not, and frequent evaluation with little patience stops before a small dataset is
-# over-fitted (the exported weights are the best validated ones).
+# Fine-tuning starts from a model at a loss minimum. A fresh AdamW moves every weight by about the
+# learning rate per step whatever its gradient, so the peak is 3x the bundled model's final rate (1e-5),
+# not a fraction of its peak: at 1e-4 a single step already raised its validation loss (BENCHMARKS.md,
+# Fine-tuning). The low peak makes a short warm-up enough, and frequent evaluation with little
+# patience stops before a small dataset is over-fitted (the exported weights are the best validated).
 SCRATCH_DEFAULTS: dict[str, Any] = {"warmup_frac": 0.05, "eval_every": 200, "patience": 10}
-FINETUNE_DEFAULTS: dict[str, Any] = {"max_lr": 1e-4, "warmup_frac": 0.02, "eval_every": 50, "patience": 3}
+FINETUNE_DEFAULTS: dict[str, Any] = {"max_lr": 3e-5, "warmup_frac": 0.02, "eval_every": 50, "patience": 3}
 
 
 def _fail(message: str) -> TrainingError:
