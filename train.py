@@ -2,6 +2,7 @@
 
     python train.py --data DIR --out DIR [--model-preset small] [--config file.yaml] [--max-steps N]
                     [--epochs E] [--resume] [--mixed-precision bf16] ...
+    python train.py --data DIR --out DIR --init-from bundled [--freeze-blocks K]   # fine-tuning
 
 Several processes (one model, one DDP group):
     torchrun --nproc_per_node 2 train.py ...
@@ -29,7 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder for checkpoints, logs and the final model")
     p.add_argument("--config", help="YAML file with training settings (TrainConfig keys)")
     p.add_argument("--model-preset", dest="model_preset", help="tiny | small | paper")
-    p.add_argument("--init-from", dest="init_from", help="start from this saved model folder")
+    p.add_argument("--init-from", dest="init_from", metavar="MODEL",
+                   help="fine-tune: start from a saved model folder, a Hub repo id or 'bundled' (the packaged "
+                        "model); unset settings then take the fine-tuning defaults (TrainConfig)")
+    p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int, metavar="K",
+                   help="with --init-from: freeze the input embeddings and the first K transformer blocks")
     p.add_argument("--max-steps", dest="max_steps", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per micro-batch and process")

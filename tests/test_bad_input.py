@@ -89,7 +89,7 @@ CASES = [
     (T, ["--config", "{yaml_list}"], "must hold a mapping"),
     (T, ["--config", "{yaml_unknown}"], "unknown training setting(s): epoch"),
     (T, ["--config", "{yaml_bad_type}"], "epochs must be int, got 'ten'"),
-    (T, ["--init-from", "{out}-no-such-model"], "cannot read model config"),
+    (T, ["--init-from", "{out}-no-such-model"], "does not exist"),
     (T, ["--data", "{out}-no-such-data"], "does not exist"),
     (T, ["--out", "{file}/out"], "cannot write to --out"),
     (T, ["--out", "{trained}"], "already holds a trained model"),

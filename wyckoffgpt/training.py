@@ -62,13 +62,24 @@ class TrainConfig:
     out_dir: str | os.PathLike
     model_preset: str = "small"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # any WyckoffGPTConfig field
-    init_from: str | None = None  # start from a saved model folder instead of random weights
+    # Start from a trained model instead of random weights: a saved model folder, a Hub repo id (read
+    # from the Hugging Face cache, fetched once if absent), or the word "bundled" for the model that
+    # ships with the package (a folder of that name: "./bundled"). Fine-tuning: settings left None
+    # below then take FINETUNE_DEFAULTS instead of the from-scratch defaults.
+    init_from: str | None = None
+    # Fine-tuning only: freeze the token/value/position/composition input embeddings and the first k
+    # transformer blocks (0: train everything). The token head shares its weight with the token
+    # embedding, so that weight stays frozen too; the value head, the later blocks and the final
+    # LayerNorm train.
+    freeze_blocks: int = 0
     batch_size: int | None = None  # sequences per micro-batch and process; None: the preset's
     grad_accum_steps: int = 1
     epochs: int = 10
     max_steps: int | None = None  # overrides epochs when set
-    max_lr: float | None = None  # None: the preset's (paper: 2e-4)
-    warmup_frac: float = 0.05  # one-cycle: linear warm-up over this fraction, then linear decay
+    max_lr: float | None = None  # None: the preset's (paper: 2e-4); fine-tuning: 3e-5
+    # One-cycle: linear warm-up over this fraction of the steps, then linear decay. None: 0.05;
+    # fine-tuning: 0.02.
+    warmup_frac: float | None = None
     final_lr_frac: float = 0.01
     weight_decay: float | None = None  # None: the preset's
     betas: tuple[float, float] = (0.9, 0.999)
@@ -89,9 +100,9 @@ class TrainConfig:
     length_sorted_pieces: int | None = None
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 0
-    eval_every: int = 200  # optimizer steps; 0 disables validation
+    eval_every: int | None = None  # optimizer steps; 0 disables validation. None: 200; fine-tuning: 50
     eval_batch_size: int | None = None
-    patience: int = 10  # evaluations without improvement before stopping early
+    patience: int | None = None  # evaluations without improvement before stopping early. None: 10; fine-tuning: 3
     min_delta: float = 0.0
     save_every: int = 500  # optimizer steps between checkpoints; 0: only at the end of an interrupted run
     keep_last_checkpoints: int = 2
@@ -103,6 +114,17 @@ class TrainConfig:
     command: str | None = None  # recorded in the model card
 
 
+BUNDLED_INIT = "bundled"  # init_from value naming the model bundled with the package
+# Settings in force when they are left None: training from scratch, and fine-tuning (init_from set).
+# Fine-tuning starts from a model at a loss minimum. A fresh AdamW moves every weight by about the
+# learning rate per step whatever its gradient, so the peak is 3x the bundled model's final rate (1e-5),
+# not a fraction of its peak: at 1e-4 a single step already raised its validation loss (BENCHMARKS.md,
+# Fine-tuning). The low peak makes a short warm-up enough, and frequent evaluation with little
+# patience stops before a small dataset is over-fitted (the exported weights are the best validated).
+SCRATCH_DEFAULTS: dict[str, Any] = {"warmup_frac": 0.05, "eval_every": 200, "patience": 10}
+FINETUNE_DEFAULTS: dict[str, Any] = {"max_lr": 3e-5, "warmup_frac": 0.02, "eval_every": 50, "patience": 3}
+
+
 def _fail(message: str) -> TrainingError:
     return TrainingError(message)
 
@@ -112,6 +134,7 @@ _AT_LEAST: dict[str, float] = {
     "grad_accum_steps": 1, "epochs": 1, "batch_size": 1, "max_steps": 1, "length_sorted_pieces": 1,
     "eval_batch_size": 1, "patience": 1, "keep_last_checkpoints": 1, "log_every": 1, "stop_at_step": 1,
     "eval_every": 0, "save_every": 0, "seed": 0, "grad_clip": 0.0, "weight_decay": 0.0, "min_delta": 0.0,
+    "freeze_blocks": 0,
 }  # fmt: skip
 
 
@@ -148,13 +171,16 @@ def _validate(cfg: TrainConfig) -> None:
             raise _fail(f"{f.name} must be >= {_AT_LEAST[f.name]}, got {value}")
     if cfg.max_lr is not None and not cfg.max_lr > 0:
         raise _fail(f"max_lr must be > 0, got {cfg.max_lr}")
-    if not 0 <= cfg.warmup_frac < 1 or not 0 <= cfg.final_lr_frac <= 1:
-        raise _fail(f"warmup_frac must be in [0, 1) and final_lr_frac in [0, 1], got {cfg.warmup_frac}, "
-                    f"{cfg.final_lr_frac}")
+    if cfg.warmup_frac is not None and not 0 <= cfg.warmup_frac < 1:
+        raise _fail(f"warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
+    if not 0 <= cfg.final_lr_frac <= 1:
+        raise _fail(f"final_lr_frac must be in [0, 1], got {cfg.final_lr_frac}")
     if cfg.model_preset not in PRESETS:
         raise _fail(f"unknown model preset {cfg.model_preset!r}; valid presets: {', '.join(PRESETS)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise _fail(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.freeze_blocks and not cfg.init_from:
+        raise _fail("freeze_blocks needs init_from (freezing randomly initialised weights teaches nothing)")
     unknown = set(cfg.model_overrides) - {f for f in WyckoffGPTConfig().to_dict()} - set(PRESETS["tiny"])
     if unknown:
         raise _fail(f"unknown model setting(s): {', '.join(sorted(unknown))}")
@@ -364,12 +390,13 @@ def _model_card(cfg: TrainConfig, meta: dict, config: WyckoffGPTConfig, n_params
         return ", ".join(f"{k} {v:.4f}" for k, v in d.items()) if d else "n/a"
 
     command = cfg.command or f"python train.py --data {cfg.data_dir} --out {cfg.out_dir} --model-preset {cfg.model_preset}"
+    hub_base = cfg.init_from if cfg.init_from and _is_hub_id(cfg.init_from) else None
     return f"""---
 library_name: transformers
 tags: [crystal-structure-generation, wyckoffgpt]
----
+{f"base_model: {hub_base}" + chr(10) if hub_base else ""}---
 # WyckoffGPT model
-
+{_fine_tuning_lines(cfg, meta)}
 Autoregressive transformer over Wyckoff-position token sequences (discrete token head + {config.continuous_head}
 value head for coordinates, lattice lengths and angles).
 
@@ -398,6 +425,31 @@ Without the package: `AutoModel.from_pretrained(folder, trust_remote_code=True)`
 """
 
 
+def _is_hub_id(init_from: str) -> bool:
+    return init_from != BUNDLED_INIT and not Path(init_from).expanduser().exists() and "/" in init_from
+
+
+def describe_base_model(init_from: str) -> str:
+    """How the model card names the model that fine-tuning started from."""
+    if init_from == BUNDLED_INIT:
+        return f"the model bundled with the wyckoffgpt package, `{resolve_init_from(init_from).name}`"
+    if _is_hub_id(init_from):
+        return f"the Hugging Face Hub model `{init_from}`"
+    return f"the model folder `{init_from}`"
+
+
+def _fine_tuning_lines(cfg: TrainConfig, meta: dict) -> str:
+    if not cfg.init_from:
+        return ""
+    frozen = (f" The input embeddings and the first {cfg.freeze_blocks} block(s) were frozen."
+              if cfg.freeze_blocks else "")
+    return f"""
+Fine-tuned from {describe_base_model(cfg.init_from)}, on the data `{cfg.data_dir}`
+({meta['splits'].get('train', 0)} training / {meta['splits'].get('val', 0)} validation sequences; the losses
+below are on these).{frozen}
+"""
+
+
 def _export_tokenizer(out: Path, vocab_hash: str) -> None:
     try:
         from .tokenizer import CrystalTokenizer
@@ -415,6 +467,42 @@ def _export_tokenizer(out: Path, vocab_hash: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # The training function
+
+
+def resolve_init_from(init_from: str) -> Path:
+    """The model folder that `TrainConfig.init_from` names (see there); TrainingError if none."""
+    folder = Path(init_from).expanduser()
+    if init_from != BUNDLED_INIT and folder.is_dir():
+        return folder
+    # Imported here: generation needs pymatgen, which training from a model folder does not.
+    from .generation import InputError, resolve_model_path
+
+    try:
+        return resolve_model_path(None if init_from == BUNDLED_INIT else init_from)
+    except InputError as e:
+        raise _fail(f"--init-from: {e}") from None
+
+
+def with_defaults(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its None settings replaced by the scratch or the fine-tuning defaults."""
+    defaults = FINETUNE_DEFAULTS if cfg.init_from else SCRATCH_DEFAULTS
+    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+def freeze_first_blocks(model: WyckoffGPTModel, k: int) -> int:
+    """Freeze the input embeddings and the first k blocks (see TrainConfig.freeze_blocks); returns the
+    number of frozen parameters."""
+    if k > len(model.blocks):
+        raise _fail(f"freeze_blocks {k} is more than the model's {len(model.blocks)} blocks")
+    modules = [model.wte, model.value_embedding, model.wpe, model.composition_embedding,
+               getattr(model, "charge_embedding", None), *model.blocks[:k]]  # fmt: skip
+    frozen = 0
+    for module in filter(None, modules):
+        for p in module.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
 
 
 def _lr_lambda(total_steps: int, warmup_frac: float, final_frac: float):
@@ -435,7 +523,7 @@ def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig 
         config = resume_config
     elif cfg.init_from:
         try:
-            config = WyckoffGPTConfig.from_pretrained(cfg.init_from)
+            config = WyckoffGPTConfig.from_pretrained(str(resolve_init_from(cfg.init_from)))
         except (OSError, ValueError) as e:
             raise _fail(f"cannot read model config from {cfg.init_from}: {e}") from None
         # Overrides on top of a trained model: e.g. dropout, or composition_slots, whose new input
@@ -446,7 +534,8 @@ def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig 
     if config.vocab_hash != meta["vocab_hash"] or config.vocab_size != meta["vocab_size"]:
         raise _fail(
             f"vocabulary mismatch: model has vocab_hash {config.vocab_hash!r} ({config.vocab_size} tokens), "
-            f"dataset {cfg.data_dir} has {meta['vocab_hash']!r} ({meta['vocab_size']} tokens)"
+            f"dataset {cfg.data_dir} has {meta['vocab_hash']!r} ({meta['vocab_size']} tokens); "
+            f"tokenize the data with the model's vocabulary (data_prep/prepare.py) or train from scratch"
         )
     return config
 
@@ -454,6 +543,7 @@ def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) a model and export it to `cfg.out_dir`; returns a summary dict."""
     _validate(cfg)
+    cfg = with_defaults(cfg)
     try:
         meta = load_meta(cfg.data_dir)
         train_set = SequenceDataset(cfg.data_dir, "train")
@@ -519,12 +609,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise _fail(f"checkpoint was written with {resume_state['layout']}, this run has {layout}; resume with the same")
 
     if cfg.init_from and resume_state is None:
-        model = WyckoffGPTModel.from_pretrained(cfg.init_from, config=config)
+        model = WyckoffGPTModel.from_pretrained(str(resolve_init_from(cfg.init_from)), config=config, dtype=torch.float32)
     else:
         model = WyckoffGPTModel(config)
     n_params = model.num_parameters()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    frozen = freeze_first_blocks(model, cfg.freeze_blocks) if cfg.freeze_blocks else 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=max_lr,
@@ -552,6 +644,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"model {n_params:,} params, {len(train_set)} train seqs, {batches.steps_per_epoch} steps/epoch, "
         f"{total_steps} steps, batch {batch_size}x{cfg.grad_accum_steps}x{world} in {pieces} length-sorted "
         f"piece(s), lr {max_lr:g}, weight decay {weight_decay:g}, precision {cfg.mixed_precision}"
+        + (f", from {cfg.init_from}" if cfg.init_from else "")
+        + (f", {frozen:,} params frozen" if frozen else "")
         + (f", resumed at step {state['step']}" if resume_state else "")
     )
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
