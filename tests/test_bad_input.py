@@ -90,6 +90,8 @@ CASES = [
     (T, ["--config", "{yaml_unknown}"], "unknown training setting(s): epoch"),
     (T, ["--config", "{yaml_bad_type}"], "epochs must be int, got 'ten'"),
     (T, ["--init-from", "{out}-no-such-model"], "does not exist"),
+    (T, ["--freeze-blocks", "-1"], "freeze_blocks must be >= 0"),
+    (T, ["--freeze-blocks", "1"], "freeze_blocks needs init_from"),
     (T, ["--data", "{out}-no-such-data"], "does not exist"),
     (T, ["--out", "{file}/out"], "cannot write to --out"),
     (T, ["--out", "{trained}"], "already holds a trained model"),
