@@ -417,7 +417,7 @@ class CrystalGenerator:
 
 def batch_seed(seed: int, batch: int) -> int:
     """Seed of batch `batch`'s random stream in a run seeded `seed` (independent streams per batch)."""
-    return int(np.random.SeedSequence([int(seed) % 2**63, batch]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(seed) % 2**63, batch]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def finish_sample(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, retries: int, temperature: float,
