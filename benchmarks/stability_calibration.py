@@ -1,0 +1,150 @@
+"""Calibration of the stability estimate (wyckoffgpt.stability) against Materials Project's own.
+
+    python benchmarks/stability_calibration.py [--n 300] [--max-atoms 20] [--seed 0] [--workers 2]
+                                               [--data data/mp_structures.csv.gz] [--out calibration.json]
+
+Draws n structures from the data, stratified (stable e_above_hull <= 0.1 / unstable; oxide /
+intermetallic / other; binary / ternary / quaternary: equal shares of the 18 cells where the data
+allow), relaxes and scores each exactly as a generated candidate is (wyckoffgpt.stability.relax),
+against the hull built WITHOUT its own row, with and without MaterialsProject2020Compatibility
+corrections. Reports the MAE of the estimated against MP's e_above_hull, and precision, recall and
+F1 of "stable" (<= 0.1 eV/atom), over the structures that relaxed and are connected (failures are
+counted). A markdown table, then one JSON line (also written to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from wyckoffgpt import stability as st  # noqa: E402
+
+STABLE = 0.1
+METALS_EXCLUDED = {"H", "He", "B", "C", "N", "O", "F", "Ne", "Si", "P", "S", "Cl", "Ar", "Ge", "As", "Se", "Br",
+                   "Kr", "Sb", "Te", "I", "Xe"}
+
+
+def chemistry(elements: list[str]) -> str:
+    if "O" in elements:
+        return "oxide"
+    if not METALS_EXCLUDED & set(elements):
+        return "intermetallic"
+    return "other"
+
+
+def draw(data: Path, n: int, max_atoms: int, seed: int):
+    import pandas as pd
+    from pymatgen.core import Composition
+
+    df = pd.read_csv(data, dtype={"material_id": str})
+    comps = df.formula.map(Composition)
+    df["nel"] = comps.map(lambda c: len(c.elements))
+    df["natoms"] = comps.map(lambda c: int(c.num_atoms))
+    df["chem"] = comps.map(lambda c: chemistry([e.symbol for e in c.elements]))
+    df["stable"] = df.e_above_hull <= STABLE
+    df = df[(df.natoms <= max_atoms) & df.nel.between(2, 4)]
+    rng = np.random.default_rng(seed)
+    cells = list(df.groupby(["stable", "chem", "nel"]))
+    per_cell = int(np.ceil(n / len(cells)))
+    picked = []
+    for _, cell in cells:
+        picked.append(cell.iloc[rng.permutation(len(cell))[:per_cell]])
+    out = pd.concat(picked)
+    return out.iloc[rng.permutation(len(out))[:n]], len(cells)
+
+
+def metrics(est: np.ndarray, true: np.ndarray) -> dict:
+    pred, real = est <= STABLE, true <= STABLE
+    tp, fp, fn = int((pred & real).sum()), int((pred & ~real).sum()), int((~pred & real).sum())
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    err = est - true
+    return {"n": int(len(est)), "mae": float(np.mean(np.abs(err))), "median_ae": float(np.median(np.abs(err))),
+            "mean_error": float(np.mean(err)), "precision": precision, "recall": recall, "f1": f1,
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=REPO / "data" / "mp_structures.csv.gz")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--max-atoms", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--fmax", type=float, default=0.1)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    from pymatgen.core import Structure
+    from tqdm import tqdm
+
+    warnings.simplefilter("ignore")
+    t0 = time.perf_counter()
+    rows, n_cells = draw(args.data, args.n, args.max_atoms, args.seed)
+    structures = [Structure.from_str(c, fmt="cif") for c in rows.cif]
+    hull = st.DataHull.from_csv(args.data)
+    config = st.RelaxConfig(fmax=args.fmax, max_steps=args.max_steps)
+    refs = st.ElementalReferences(hull, args.data, config)
+    t_ref = time.perf_counter()
+    refs.compute({el.symbol for s in structures for el in s.composition.elements})
+    t_ref = time.perf_counter() - t_ref
+    t_relax = time.perf_counter()
+    with tqdm(total=len(structures), desc="relaxing", file=sys.stderr) as bar:
+        results = st.relax_many(structures, config, args.workers, bar.update)
+    t_relax = time.perf_counter() - t_relax
+    index = {mid: i for i, mid in enumerate(hull.ids)}
+    est = {True: [], False: []}
+    true, kinds = [], []
+    for (_, row), r in zip(rows.iterrows(), results):
+        if r.status != "relaxed":
+            continue
+        for corr in (True, False):
+            e_form = refs.formation_energy_per_atom(r.structure, r.energy_per_atom, corr)
+            est[corr].append(hull.e_above_hull(r.structure.composition, e_form, exclude=[index[row.material_id]]))
+        true.append(row.e_above_hull)
+        kinds.append((row.chem, int(row.nel), bool(row.stable)))
+    true_a = np.array(true)
+    report = {"benchmark": "stability_calibration", "date": time.strftime("%Y-%m-%d"), "n": len(structures),
+              "strata": n_cells, "max_atoms": args.max_atoms, "seed": args.seed, "fmax": args.fmax,
+              "max_steps": args.max_steps, "chgnet": st.chgnet_version(),
+              "status": {s: sum(r.status == s for r in results) for s in st.STATUSES},
+              "seconds_per_structure_median": float(np.median([r.seconds for r in results])),
+              "steps_median": float(np.median([r.steps for r in results])),
+              "rmsd_median_A": float(np.nanmedian([r.rmsd if r.rmsd is not None else np.nan for r in results])),
+              "wall_relax_s": round(t_relax, 1), "wall_references_s": round(t_ref, 1),
+              "wall_total_s": round(time.perf_counter() - t0, 1), "workers": args.workers}
+    for corr in (True, False):
+        e = np.array(est[corr])
+        name = "mp2020" if corr else "raw"
+        report[name] = metrics(e, true_a)
+        report[name]["by_chemistry"] = {c: metrics(e[m], true_a[m]) for c in ("oxide", "intermetallic", "other")
+                                        if (m := np.array([k[0] == c for k in kinds])).any()}
+        report[name]["by_n_elements"] = {str(k): metrics(e[m], true_a[m]) for k in (2, 3, 4)
+                                         if (m := np.array([kk[1] == k for kk in kinds])).any()}
+    report["references"] = {el: v["source"] for el, v in refs.values.items()}
+    print("| energies | n | MAE (eV/atom) | median AE | mean error | precision | recall | F1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in ("raw", "mp2020"):
+        m = report[name]
+        print(f"| {name} | {m['n']} | {m['mae']:.3f} | {m['median_ae']:.3f} | {m['mean_error']:+.3f} | "
+              f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |")
+    for name in ("raw", "mp2020"):
+        for group in ("by_chemistry", "by_n_elements"):
+            print(name, group, {k: round(v["mae"], 3) for k, v in report[name][group].items()})
+    line = json.dumps(report)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
