@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=list(FORMATS), default="cif")
+    p.add_argument("--relax", action="store_true",
+                   help="relax the written structures with CHGNet (pip install \"wyckoffgpt[relax]\"), CIFs in "
+                        "OUT/relaxed/, energy above the training data's hull in summary.csv (sorted by it)")
+    p.add_argument("--fmax", type=float, default=0.1, help="--relax force threshold, eV/Å (default 0.1)")
+    p.add_argument("--relax-steps", type=int, default=300, dest="relax_steps",
+                   help="--relax: FIRE steps before a relaxation counts as not converged (default 300)")
     return p.parse_args(argv)
 
 
@@ -76,6 +82,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.spacegroup is not None and not 1 <= args.spacegroup <= 230:
         raise UsageError(f"--spacegroup must be in 1-230, got {args.spacegroup}")
+    if args.relax:
+        check_relax_args(args)
     if args.device is not None:
         import torch
 
@@ -85,6 +93,19 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:0, ...)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+def check_relax_args(args: argparse.Namespace) -> None:
+    from wyckoffgpt.stability import RelaxConfig, RelaxUnavailable, chgnet_version, default_data_csv
+
+    try:
+        chgnet_version()
+        args.relax_config = RelaxConfig(fmax=args.fmax, max_steps=args.relax_steps)
+        default_data_csv()
+    except RelaxUnavailable as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--relax: {e}") from None
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -179,8 +200,14 @@ def generate(args: argparse.Namespace, out: Path) -> int:
             "retries": r.retries,
             "temperature": r.temperature, "sequence": str(r.sequence),
         })
+    fields, funnel = CSV_FIELDS, None
+    if args.relax:
+        from wyckoffgpt.stability import SUMMARY_FIELDS
+
+        rows, funnel = relax_written(args, results, rows, out)
+        fields = CSV_FIELDS + SUMMARY_FIELDS
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "summary.csv", buf.getvalue())
@@ -203,9 +230,40 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     if retried:
         print(f"{len(retried)} samples were sent back to an earlier site and resampled "
               f"({sum(r.retries for r in retried)} retries; the 'retries' column of summary.csv)")
+    if funnel:
+        print("funnel: " + " -> ".join(f"{k} {v}" for k, v in funnel.items())
+              + f" (stable: e_above_hull <= {args.relax_config.stable_threshold} eV/atom of the training data's hull; "
+              f"relaxed CIFs in {out / 'relaxed'}, summary.csv sorted by e_above_hull)")
     print(f"wrote {len(valid)} {args.format} files (space-group consistent {len(consistent)}, unique {len(unique)}"
           + f", charge check {args.charge_check}) and summary.csv to {out}")
     return 0
+
+
+def relax_written(args: argparse.Namespace, results: list, rows: list[dict], out: Path) -> tuple[list[dict], dict]:
+    """--relax: relax the valid samples (all cores), write relaxed CIFs to OUT/relaxed/, add the
+    stability columns to their rows (sorted by e_above_hull, unrelaxed last) and count the funnel."""
+    from tqdm import tqdm
+
+    from wyckoffgpt import stability
+    from wyckoffgpt.atomic import atomic_write
+    from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex
+    from wyckoffgpt.generation import resolve_model_path
+
+    valid = [r for r in results if r.valid]
+    refs = stability.default_references(config=args.relax_config)
+    with tqdm(total=len(valid), unit="structure", file=sys.stderr, disable=None, desc="relaxing") as bar:
+        found = stability.assess([r.structure for r in valid], refs, args.relax_config, on_finished=bar.update)
+    by_index = dict(zip((r.index for r in valid), found))
+    (out / "relaxed").mkdir(exist_ok=True)
+    for row in rows:
+        s = by_index.get(row["index"])
+        row.update(stability.summary_fields(s))
+        if s is not None and s.status == "relaxed":
+            atomic_write(out / "relaxed" / (Path(row["file"]).stem + ".cif"), structure_text(s.structure, "cif"))
+    rows.sort(key=lambda row: (row["e_above_hull"] == "", float(row["e_above_hull"] or 0), row["index"]))
+    index_path = resolve_model_path(args.model) / INDEX_FILE
+    index = FingerprintIndex.load(index_path) if index_path.exists() else None
+    return rows, stability.funnel(len(results), len(valid), found, index, args.relax_config.stable_threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,12 @@ def metrics(est: np.ndarray, true: np.ndarray) -> dict:
             "tp": tp, "fp": fp, "fn": fn}
 
 
+def load_done(path: Path | None) -> dict[str, dict]:
+    if path is None or not path.exists():
+        return {}
+    return {d["material_id"]: d for d in map(json.loads, path.read_text().splitlines()) if d}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=REPO / "data" / "mp_structures.csv.gz")
@@ -82,6 +88,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--fmax", type=float, default=0.1)
     p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--results", type=Path,
+                   help="JSONL of per-structure results, appended as each finishes; rows already there are "
+                        "not relaxed again (resume), and --report-only reports on them")
+    p.add_argument("--report-only", action="store_true", help="no relaxation: report on --results as they are")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     from pymatgen.core import Structure
@@ -90,56 +100,75 @@ def main() -> None:
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
     rows, n_cells = draw(args.data, args.n, args.max_atoms, args.seed)
-    structures = [Structure.from_str(c, fmt="cif") for c in rows.cif]
     hull = st.DataHull.from_csv(args.data)
     config = st.RelaxConfig(fmax=args.fmax, max_steps=args.max_steps)
     refs = st.ElementalReferences(hull, args.data, config)
-    t_ref = time.perf_counter()
-    refs.compute({el.symbol for s in structures for el in s.composition.elements})
-    t_ref = time.perf_counter() - t_ref
-    t_relax = time.perf_counter()
-    with tqdm(total=len(structures), desc="relaxing", file=sys.stderr) as bar:
-        results = st.relax_many(structures, config, args.workers, bar.update)
-    t_relax = time.perf_counter() - t_relax
     index = {mid: i for i, mid in enumerate(hull.ids)}
-    est = {True: [], False: []}
-    true, kinds = [], []
-    for (_, row), r in zip(rows.iterrows(), results):
-        if r.status != "relaxed":
-            continue
-        for corr in (True, False):
-            e_form = refs.formation_energy_per_atom(r.structure, r.energy_per_atom, corr)
-            est[corr].append(hull.e_above_hull(r.structure.composition, e_form, exclude=[index[row.material_id]]))
-        true.append(row.e_above_hull)
-        kinds.append((row.chem, int(row.nel), bool(row.stable)))
-    true_a = np.array(true)
-    report = {"benchmark": "stability_calibration", "date": time.strftime("%Y-%m-%d"), "n": len(structures),
-              "strata": n_cells, "max_atoms": args.max_atoms, "seed": args.seed, "fmax": args.fmax,
-              "max_steps": args.max_steps, "chgnet": st.chgnet_version(),
-              "status": {s: sum(r.status == s for r in results) for s in st.STATUSES},
-              "seconds_per_structure_median": float(np.median([r.seconds for r in results])),
-              "steps_median": float(np.median([r.steps for r in results])),
-              "rmsd_median_A": float(np.nanmedian([r.rmsd if r.rmsd is not None else np.nan for r in results])),
+    done = load_done(args.results)
+    todo = rows[~rows.material_id.isin(list(done))]
+    t_ref = t_relax = 0.0
+    if not args.report_only and len(todo):
+        structures = [Structure.from_str(c, fmt="cif") for c in todo.cif]
+        t_ref = time.perf_counter()
+        refs.compute({el.symbol for s in structures for el in s.composition.elements})
+        t_ref = time.perf_counter() - t_ref
+        t_relax = time.perf_counter()
+        sink = args.results.open("a") if args.results else None
+        with tqdm(total=len(structures), desc="relaxing", file=sys.stderr) as bar:
+            for i, r in st.iter_relax(structures, config, args.workers):
+                row = todo.iloc[i]
+                d = {"material_id": row.material_id, "formula": row.formula, "chem": row.chem, "nel": int(row.nel),
+                     "natoms": int(row.natoms), "mp_e_above_hull": float(row.e_above_hull), "status": r.status,
+                     "steps": r.steps, "seconds": r.seconds, "rmsd": r.rmsd, "energy_per_atom": r.energy_per_atom,
+                     "error": r.error}
+                if r.status == "relaxed":
+                    for corr in (True, False):
+                        e_form = refs.formation_energy_per_atom(r.structure, r.energy_per_atom, corr)
+                        name = "mp2020" if corr else "raw"
+                        d[f"e_form_{name}"] = e_form
+                        for strict in (False, True):
+                            d[f"ehull_{name}{'_strict' if strict else ''}"] = hull.e_above_hull(
+                                r.structure.composition, e_form, exclude=[index[row.material_id]], strict=strict)
+                done[row.material_id] = d
+                if sink:
+                    sink.write(json.dumps(d) + "\n")
+                    sink.flush()
+                bar.update(1)
+        if sink:
+            sink.close()
+        t_relax = time.perf_counter() - t_relax
+    results = [done[m] for m in rows.material_id if m in done]
+    ok = [d for d in results if d["status"] == "relaxed"]
+    true_a = np.array([d["mp_e_above_hull"] for d in ok])
+    report = {"benchmark": "stability_calibration", "date": time.strftime("%Y-%m-%d"), "n_drawn": len(rows),
+              "n": len(results), "strata": n_cells, "max_atoms": args.max_atoms, "seed": args.seed,
+              "fmax": args.fmax, "max_steps": args.max_steps, "chgnet": st.chgnet_version(),
+              "status": {s: sum(d["status"] == s for d in results) for s in st.STATUSES},
+              "seconds_per_structure_median": float(np.median([d["seconds"] for d in results])),
+              "steps_median": float(np.median([d["steps"] for d in results])),
+              "rmsd_median_A": float(np.nanmedian([d["rmsd"] if d["rmsd"] is not None else np.nan for d in results])),
               "wall_relax_s": round(t_relax, 1), "wall_references_s": round(t_ref, 1),
-              "wall_total_s": round(time.perf_counter() - t0, 1), "workers": args.workers}
-    for corr in (True, False):
-        e = np.array(est[corr])
-        name = "mp2020" if corr else "raw"
+              "wall_total_s": round(time.perf_counter() - t0, 1), "workers": args.workers,
+              "mp_stable_share": float(np.mean(true_a <= STABLE))}
+    variants = [f"{e}{x}" for e in ("raw", "mp2020") for x in ("", "_strict")]
+    for name in variants:
+        e = np.array([d[f"ehull_{name}"] for d in ok])
         report[name] = metrics(e, true_a)
         report[name]["by_chemistry"] = {c: metrics(e[m], true_a[m]) for c in ("oxide", "intermetallic", "other")
-                                        if (m := np.array([k[0] == c for k in kinds])).any()}
+                                        if (m := np.array([d["chem"] == c for d in ok])).any()}
         report[name]["by_n_elements"] = {str(k): metrics(e[m], true_a[m]) for k in (2, 3, 4)
-                                         if (m := np.array([kk[1] == k for kk in kinds])).any()}
+                                         if (m := np.array([d["nel"] == k for d in ok])).any()}
     report["references"] = {el: v["source"] for el, v in refs.values.items()}
-    print("| energies | n | MAE (eV/atom) | median AE | mean error | precision | recall | F1 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in ("raw", "mp2020"):
+    print("| energies | own hull point | n | MAE (eV/atom) | median AE | mean error | precision | recall | F1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in variants:
         m = report[name]
-        print(f"| {name} | {m['n']} | {m['mae']:.3f} | {m['median_ae']:.3f} | {m['mean_error']:+.3f} | "
+        print(f"| {name.split('_')[0]} | {'dropped' if 'strict' in name else 'kept when unstable'} | {m['n']} | "
+              f"{m['mae']:.3f} | {m['median_ae']:.3f} | {m['mean_error']:+.3f} | "
               f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |")
-    for name in ("raw", "mp2020"):
+    for name in variants:
         for group in ("by_chemistry", "by_n_elements"):
-            print(name, group, {k: round(v["mae"], 3) for k, v in report[name][group].items()})
+            print(name, group, {k: (v["n"], round(v["mae"], 3)) for k, v in report[name][group].items()})
     line = json.dumps(report)
     if args.out:
         args.out.write_text(line + "\n")

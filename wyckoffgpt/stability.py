@@ -32,8 +32,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -247,42 +247,50 @@ def _relax_job(args: tuple[dict, dict]) -> StabilityResult:
     return result
 
 
-def relax_many(structures: Sequence[Structure], config: RelaxConfig | None = None, workers: int | None = None,
-               on_finished: Callable[[int], None] | None = None) -> list[StabilityResult]:
-    """Relax many structures in `workers` processes (default: all cores, each with one torch
-    thread), results in input order; `on_finished(1)` is called as each one ends (a progress bar's
-    update)."""
+def iter_relax(structures: Sequence[Structure], config: RelaxConfig | None = None,
+               workers: int | None = None) -> Iterator[tuple[int, StabilityResult]]:
+    """Relax structures in `workers` processes (default: all cores, each with one torch thread),
+    yielding (position, result) as each one finishes."""
     config = config or RelaxConfig()
     chgnet_version()  # fail before starting processes
-    workers = workers or os.cpu_count() or 1
-    workers = max(1, min(workers, len(structures)))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(structures)))
     if workers == 1:
         import torch
 
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            results = []
-            for s in structures:
-                results.append(relax(s, config))
-                if on_finished:
-                    on_finished(1)
-            return results
+            for i, s in enumerate(structures):
+                yield i, relax(s, config)
         finally:
             torch.set_num_threads(before)
+        return
     import multiprocessing
 
     # spawn: the caller may hold torch/OpenMP thread pools that do not survive fork.
     ctx = multiprocessing.get_context("spawn")
-    jobs = [(s.as_dict(), asdict(config)) for s in structures]
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = [pool.submit(_relax_job, job) for job in jobs]
-        for f in futures:
-            f.add_done_callback(lambda _: on_finished(1) if on_finished else None)
-        return [f.result() for f in futures]
+        futures = {pool.submit(_relax_job, (s.as_dict(), asdict(config))): i for i, s in enumerate(structures)}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
+
+
+def relax_many(structures: Sequence[Structure], config: RelaxConfig | None = None, workers: int | None = None,
+               on_finished: Callable[[int], None] | None = None) -> list[StabilityResult]:
+    """`iter_relax`'s results in input order; `on_finished(1)` is called as each one ends (a
+    progress bar's update)."""
+    results: list[StabilityResult | None] = [None] * len(structures)
+    for i, r in iter_relax(structures, config, workers):
+        results[i] = r
+        if on_finished:
+            on_finished(1)
+    return results  # type: ignore[return-value]
 
 
 # -- the data's hull -------------------------------------------------------------------------------
+
+ON_HULL = 1e-6  # eV/atom: a row this close to MP's hull is on it
+
 
 @dataclass
 class DataHull:
@@ -324,40 +332,50 @@ class DataHull:
     def row(self, material_id: str) -> int:
         return self.ids.index(material_id)
 
-    def entries(self, elements: Iterable[str], exclude: Iterable[int] = ()) -> list:
+    def entries(self, elements: Iterable[str], exclude: Iterable[int] = (), strict: bool = False) -> list:
         """PDEntries of the chemical system (every row whose elements are a subset of `elements`,
-        each as its own energy and as MP's hull point), with the elements at 0, rows `exclude` left out."""
+        each as its own energy and as MP's hull point), with the elements at 0.
+
+        Rows `exclude` are the material being estimated: its own energy is left out, and so is its
+        hull point when that is the material itself (e_above_hull 0); an unstable row's hull point
+        stands for other materials (MP's ground state or decomposition at that composition) and
+        stays, unless `strict` (then nothing of the row is used: what MP knows about that
+        composition from elsewhere is lost too)."""
         from pymatgen.analysis.phase_diagram import PDEntry
 
         system = frozenset(elements)
         skip = set(exclude)
         out = [PDEntry(Composition(el), 0.0, name=el) for el in sorted(system)]
         for i, els in enumerate(self._elements):
-            if i in skip or not els <= system:
+            if not els <= system:
                 continue
             comp = Composition(self.formulas[i])
             n = comp.num_atoms
-            out.append(PDEntry(comp, float(self.e_form[i]) * n, name=self.formulas[i]))
-            out.append(PDEntry(comp, float(self.e_hull[i]) * n, name=f"hull:{self.formulas[i]}"))
+            if i not in skip:
+                out.append(PDEntry(comp, float(self.e_form[i]) * n, name=self.formulas[i]))
+            if i not in skip or (not strict and self.e_form[i] - self.e_hull[i] > ON_HULL):
+                out.append(PDEntry(comp, float(self.e_hull[i]) * n, name=f"hull:{self.formulas[i]}"))
         return out
 
-    def phase_diagram(self, elements: Iterable[str], exclude: Iterable[int] = ()):
-        """pymatgen PhaseDiagram of the system; without `exclude` the vertices are cached on disk."""
-        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    def phase_diagram(self, elements: Iterable[str], exclude: Iterable[int] = (), strict: bool = False):
+        """pymatgen PhaseDiagram of the system (see `entries`); without `exclude` its vertices are
+        cached on disk."""
+        from pymatgen.analysis.phase_diagram import PhaseDiagram
 
         system = tuple(sorted(set(elements)))
         exclude = tuple(sorted(set(exclude)))
         if exclude:
-            return PhaseDiagram(self.entries(system, exclude))
+            return PhaseDiagram(self.entries(system, exclude, strict))
         return _cached_phase_diagram(self, system)
 
-    def e_above_hull(self, composition: Composition | str, e_form_per_atom: float, exclude: Iterable[int] = ()) -> float:
+    def e_above_hull(self, composition: Composition | str, e_form_per_atom: float, exclude: Iterable[int] = (),
+                     strict: bool = False) -> float:
         """Distance (eV/atom) of a formation energy to the hull of its chemical system; negative
         when below it (PhaseDiagram with allow_negative=True)."""
         from pymatgen.analysis.phase_diagram import PDEntry
 
         comp = Composition(composition)
-        pd_ = self.phase_diagram([el.symbol for el in comp.elements], exclude)
+        pd_ = self.phase_diagram([el.symbol for el in comp.elements], exclude, strict)
         entry = PDEntry(comp, e_form_per_atom * comp.num_atoms)
         return float(pd_.get_e_above_hull(entry, allow_negative=True))
 
@@ -410,12 +428,22 @@ def corrected_energy(structure: Structure, energy: float) -> float:
     return float(processed.energy) if processed is not None else float("nan")
 
 
-def reference_structures(element: str, hull: DataHull, data_rows: dict[str, Structure] | None = None,
+# Elements whose MP ground state is a molecular crystal of dimers: the dimer in a box stands in for
+# it (ASE builds no crystal for them); the weak binding between molecules is left out.
+DIATOMIC = frozenset({"H", "N", "O", "F", "Cl", "Br", "I"})
+NOBLE_GASES = frozenset({"He", "Ne", "Ar", "Kr", "Xe", "Rn"})
+BOX = 12.0  # Å, edge of the cubic box of a molecule or atom reference
+# Bump when reference_structures changes, so that cached references are recomputed.
+REFERENCE_RECIPE = 2
+
+
+def reference_structures(element: str, data_rows: dict[str, tuple[Structure, float]] | None = None,
                          max_e_form: float = 0.05) -> tuple[Structure, float, str]:
     """The structure whose relaxed CHGNet energy defines `element`'s reference, its MP formation
     energy per atom (subtracted from that energy), and where it came from: the data's lowest-energy
-    unary structure when its formation energy is within `max_e_form` eV/atom of 0, else ASE's
-    standard bulk structure, else a diatomic molecule or an atom in a 12 Å box, else fcc."""
+    unary structure when its formation energy is within `max_e_form` eV/atom of 0; else a dimer
+    (DIATOMIC) or an atom (NOBLE_GASES) in a box; else ASE's standard bulk structure; else fcc
+    with the lattice constant of touching covalent spheres (Ga, Mn, Se, Pa, Pm, Pu: crude)."""
     from ase import Atoms
     from ase.build import bulk
     from ase.data import atomic_numbers, covalent_radii, reference_states
@@ -426,16 +454,17 @@ def reference_structures(element: str, hull: DataHull, data_rows: dict[str, Stru
         if e_form <= max_e_form:
             return structure, e_form, "data"
     z = atomic_numbers[element]
-    state = reference_states[z] or {}
+    if element in DIATOMIC:
+        d = 2 * covalent_radii[z]
+        atoms = Atoms(element * 2, positions=[(0, 0, 0), (0, 0, d)], cell=[BOX] * 3, pbc=True)
+        return AseAtomsAdaptor.get_structure(atoms), 0.0, "dimer-in-box"
+    if element in NOBLE_GASES:
+        return AseAtomsAdaptor.get_structure(Atoms(element, cell=[BOX] * 3, pbc=True)), 0.0, "atom-in-box"
     try:
-        return AseAtomsAdaptor.get_structure(bulk(element)), 0.0, f"ase-bulk-{state.get('symmetry')}"
-    except Exception:  # ASE has no bulk builder for molecular and complex elements
+        state = (reference_states[z] or {}).get("symmetry")
+        return AseAtomsAdaptor.get_structure(bulk(element)), 0.0, f"ase-bulk-{state}"
+    except Exception:  # ASE has no bulk builder for complex elements (alpha-Mn, Ga, Se, ...)
         pass
-    if state.get("symmetry") == "diatom":
-        atoms = Atoms(element * 2, positions=[(0, 0, 0), (0, 0, state["d"])], cell=[12, 12, 12], pbc=True)
-        return AseAtomsAdaptor.get_structure(atoms), 0.0, "diatom-in-box"
-    if state.get("symmetry") == "atom":
-        return AseAtomsAdaptor.get_structure(Atoms(element, cell=[12, 12, 12], pbc=True)), 0.0, "atom-in-box"
     a = 2 * math.sqrt(2) * covalent_radii[z]
     return AseAtomsAdaptor.get_structure(bulk(element, "fcc", a=a)), 0.0, "fcc-guess"
 
@@ -470,7 +499,7 @@ class ElementalReferences:
     def __init__(self, hull: DataHull, csv_path: str | os.PathLike | None, config: RelaxConfig | None = None):
         self.hull, self.csv_path = hull, csv_path
         self.config = config or RelaxConfig()
-        key = f"{chgnet_version()}-data-{hull.source_hash or 'none'}-fmax{self.config.fmax}"
+        key = f"{chgnet_version()}-refs{REFERENCE_RECIPE}-data-{hull.source_hash or 'none'}-fmax{self.config.fmax}"
         self.path = cache_dir() / f"elemental-references-{key}.json"
         self.values: dict[str, dict] = _read_json(self.path)
         self._unaries: dict | None = None
@@ -487,7 +516,7 @@ class ElementalReferences:
         if self._unaries is None:
             self._unaries = data_unaries(self.csv_path, self.hull) if self.csv_path else {}
         for el in missing:
-            structure, e_form, source = reference_structures(el, self.hull, self._unaries)
+            structure, e_form, source = reference_structures(el, self._unaries)
             r = relax(structure, RelaxConfig(fmax=self.config.fmax, max_steps=1000),
                       relax_cell=not source.endswith("in-box"))
             if r.energy_per_atom is None:
@@ -552,3 +581,39 @@ def default_data_csv() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass the Materials Project CSV the hull is built from")
     return path
+
+
+# -- generated samples -----------------------------------------------------------------------------
+
+SUMMARY_FIELDS = ["e_form_per_atom", "e_above_hull", "relax_steps", "relax_rmsd", "connected", "relax_status"]
+
+
+def summary_fields(result: StabilityResult | None) -> dict[str, str]:
+    """The summary.csv columns of one result (empty strings for a sample that was not relaxed)."""
+    if result is None:
+        return dict.fromkeys(SUMMARY_FIELDS, "")
+
+    def num(x: float | None, fmt: str) -> str:
+        return "" if x is None or not math.isfinite(x) else format(x, fmt)
+
+    return {"e_form_per_atom": num(result.e_form_per_atom, ".4f"), "e_above_hull": num(result.e_above_hull, ".4f"),
+            "relax_steps": str(result.steps), "relax_rmsd": num(result.rmsd, ".4f"),
+            "connected": "" if result.connected is None else str(result.connected).lower(),
+            "relax_status": result.status}
+
+
+def funnel(n_sampled: int, n_valid: int, results: Sequence[StabilityResult], index=None,
+           threshold: float = 0.1) -> dict[str, int]:
+    """Counts of the whole funnel: sampled, valid, relaxed, connected, stable (e_above_hull <=
+    threshold), unique (among the stable, StructureMatcher on the relaxed structures) and novel
+    (matching no crystal of the FingerprintIndex `index`; omitted without one)."""
+    from .metrics import novel_flags, unique_flags
+
+    counts = {"sampled": n_sampled, "valid": n_valid, **funnel_counts(results, threshold)}
+    stable = [r.structure for r in results if r.relaxed and r.connected and r.e_above_hull is not None
+              and r.e_above_hull <= threshold]
+    unique = [s for s, u in zip(stable, unique_flags(stable)) if u]
+    counts["unique"] = len(unique)
+    if index is not None:
+        counts["novel"] = sum(novel_flags(unique, index))
+    return counts
