@@ -63,8 +63,9 @@ class RelaxConfig:
     bond_factor: atoms closer than this times the sum of their covalent radii (Cordero, via ASE)
         are bonded, for the connectivity test (1.5 as in the Matra-Genoa paper).
     corrections: apply MaterialsProject2020Compatibility to CHGNet energies before taking formation
-        energies (the data's formation energies are MP2020-corrected). The default is the one the
-        calibration (benchmarks/stability_calibration.py, BENCHMARKS.md) found closer to MP.
+        energies. Off by default: the calibration (benchmarks/stability_calibration.py, BENCHMARKS.md)
+        finds CHGNet 0.3.0's energies already on the scale of the data's MP2020-corrected formation
+        energies (it was trained on corrected energies), and correcting them again moves oxides far off.
     stable_threshold: e_above_hull at or below which a structure counts as stable, eV/atom.
     """
 
@@ -72,7 +73,7 @@ class RelaxConfig:
     max_steps: int = 300
     max_volume_ratio: float = 3.0
     bond_factor: float = 1.5
-    corrections: bool = True
+    corrections: bool = False
     stable_threshold: float = 0.1
 
     def __post_init__(self) -> None:
