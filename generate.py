@@ -98,6 +98,10 @@ def check_args(args: argparse.Namespace) -> None:
 def check_relax_args(args: argparse.Namespace) -> None:
     from wyckoffgpt.stability import RelaxConfig, RelaxUnavailable, chgnet_version, default_data_csv
 
+    if not args.fmax > 0:
+        raise UsageError(f"--fmax must be > 0 eV/Å, got {args.fmax}")
+    if args.relax_steps < 1:
+        raise UsageError(f"--relax-steps must be >= 1, got {args.relax_steps}")
     try:
         chgnet_version()
         args.relax_config = RelaxConfig(fmax=args.fmax, max_steps=args.relax_steps)

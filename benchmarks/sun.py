@@ -104,6 +104,8 @@ def main() -> None:
               "chgnet": stability.chgnet_version(), "conditions": {}}
     for c in args.conditions:
         report["conditions"][c] = run_condition(gen, refs, index, c, args)
+        if args.out:  # after each condition, so that a long run killed midway keeps what it measured
+            args.out.write_text(json.dumps(report) + "\n")
     print("| condition | n | valid | relaxed | connected | <= 0.1 | unique | novel | median e_hull | "
           "S.U.N. 0.1 | S.U.N. 0.08 | S.U.N. 0.0 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
