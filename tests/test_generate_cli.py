@@ -111,6 +111,8 @@ BAD_INPUTS = {
     "temperature zero": (["--temperature", "0"], "temperature"),
     "temperature negative": (["--temperature", "-1"], "temperature"),
     "n not a number": (["-n", "many"], "invalid int"),
+    "relax fmax zero": (["--relax", "--fmax", "0"], "--fmax must be > 0"),
+    "relax steps zero": (["--relax", "--relax-steps", "0"], "--relax-steps must be >= 1"),
 }
 
 
