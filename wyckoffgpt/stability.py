@@ -39,7 +39,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Composition, Element, Structure
+from pymatgen.core import Composition, Structure
 
 from .atomic import atomic_write
 
