@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", type=Path, help="sweep: novelty and distribution statistics against this set "
                    "(a prepared dataset folder, a CSV of CIFs, a folder of .cif files; default: the model's "
                    "fingerprint index of its training crystals)")
+    p.add_argument("--relax", action="store_true",
+                   help="relax the written structures with CHGNet (pip install \"wyckoffgpt[relax]\"), CIFs in "
+                        "OUT/relaxed/, energy above the training data's hull in summary.csv (sorted by it)")
+    p.add_argument("--fmax", type=float, default=0.1, help="--relax force threshold, eV/Å (default 0.1)")
+    p.add_argument("--relax-steps", type=int, default=300, dest="relax_steps",
+                   help="--relax: FIRE steps before a relaxation counts as not converged (default 300)")
     return p.parse_args(argv)
 
 
@@ -127,6 +133,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out} is a file, not a folder")
     if args.temperatures is not None or args.report or args.plot or args.reference:
         check_sweep_args(args)
+    if args.relax:
+        check_relax_args(args)
     if args.device is not None:
         import torch
 
@@ -156,6 +164,25 @@ def check_sweep_args(args: argparse.Namespace) -> None:
             raise UsageError(f"folder {path.parent} does not exist")
     if args.reference is not None and not args.reference.exists():
         raise UsageError(f"--reference {args.reference} does not exist")
+
+
+def check_relax_args(args: argparse.Namespace) -> None:
+    from wyckoffgpt.stability import RelaxConfig, RelaxUnavailable, chgnet_version, default_data_csv
+
+    if args.temperatures is not None or args.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--relax is for a single run in one process (no --temperatures, --resume or torchrun)")
+    if not args.fmax > 0:
+        raise UsageError(f"--fmax must be > 0 eV/Å, got {args.fmax}")
+    if args.relax_steps < 1:
+        raise UsageError(f"--relax-steps must be >= 1, got {args.relax_steps}")
+    try:
+        chgnet_version()
+        args.relax_config = RelaxConfig(fmax=args.fmax, max_steps=args.relax_steps)
+        default_data_csv()
+    except RelaxUnavailable as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--relax: {e}") from None
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -247,6 +274,11 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     if c.retried:
         print(f"{c.retried} samples were sent back to an earlier site and resampled "
               f"({c.retries} retries; the 'retries' column of summary.csv)")
+    if args.relax:
+        funnel = relax_run(args, out, c.sampled)
+        print("funnel: " + " -> ".join(f"{k} {v}" for k, v in funnel.items())
+              + f" (stable: e_above_hull <= {args.relax_config.stable_threshold} eV/atom of the training data's hull; "
+              f"relaxed CIFs in {out / 'relaxed'}, summary.csv sorted by e_above_hull)")
     print(f"wrote {c.valid} {args.format} files (space-group consistent {c.consistent}, unique {c.unique}"
           + f", charge check {args.charge_check}) and summary.csv to {out}")
     return 0
@@ -303,6 +335,47 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> 
         sweep.plot_sweep(points, args.plot, conditions or "unconditional")
     print(f"wrote {report}" + (f" and {args.plot}" if args.plot else ""))
     return 0
+
+
+def relax_run(args: argparse.Namespace, out: Path, n_sampled: int) -> dict[str, int]:
+    """--relax: relax the run's written structures (all cores), write relaxed CIFs to OUT/relaxed/,
+    add the stability columns to summary.csv (sorted by e_above_hull, unrelaxed last) and count the
+    funnel."""
+    import csv
+    import io
+
+    from pymatgen.core import Structure
+    from tqdm import tqdm
+
+    from wyckoffgpt import stability
+    from wyckoffgpt.atomic import atomic_write
+    from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex
+    from wyckoffgpt.generation import resolve_model_path
+    from wyckoffgpt.writer import CSV_FIELDS, SUMMARY_FILE, structure_text
+
+    with open(out / SUMMARY_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    written = [row for row in rows if row["file"]]
+    refs = stability.default_references(config=args.relax_config)
+    with tqdm(total=len(written), unit="structure", file=sys.stderr, disable=None, desc="relaxing") as bar:
+        found = stability.assess([Structure.from_file(out / row["file"]) for row in written], refs,
+                                 args.relax_config, on_finished=bar.update)
+    by_index = dict(zip((row["index"] for row in written), found))
+    (out / "relaxed").mkdir(exist_ok=True)
+    for row in rows:
+        s = by_index.get(row["index"])
+        row.update(stability.summary_fields(s))
+        if s is not None and s.status == "relaxed":
+            atomic_write(out / "relaxed" / (Path(row["file"]).stem + ".cif"), structure_text(s.structure, "cif"))
+    rows.sort(key=lambda row: (row["e_above_hull"] == "", float(row["e_above_hull"] or 0), int(row["index"])))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS + stability.SUMMARY_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / SUMMARY_FILE, buf.getvalue())
+    index_path = resolve_model_path(args.model) / INDEX_FILE
+    index = FingerprintIndex.load(index_path) if index_path.exists() else None
+    return stability.funnel(n_sampled, len(written), found, index, args.relax_config.stable_threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

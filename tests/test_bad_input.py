@@ -63,6 +63,10 @@ CASES = [
     (G, ["--max-atoms", "0"], "--max-atoms must be positive"),
     (G, ["--wyckoff", "225 Na 4a"], "Wyckoff spec"),
     (G, ["--prompt", "<bos> ehull:low n:2 Cl Na"], "prompt is not a valid sequence prefix"),
+    # generate.py: stability screening
+    (G, ["--relax", "--fmax", "0"], "--fmax must be > 0"),
+    (G, ["--relax", "--relax-steps", "0"], "--relax-steps must be >= 1"),
+    (G, ["--relax", "--temperatures", "0.7", "1.0"], "--relax is for a single run"),
     # generate.py: model and output
     (G, ["--model", "{out}-no-such-model"], "does not exist"),
     (G, ["--out", "{results}"], "already holds files"),
