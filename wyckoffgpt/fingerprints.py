@@ -195,11 +195,6 @@ class FingerprintIndex:
         return None
 
 
-def load_fingerprint_index(path: str | os.PathLike, vocab: Vocab | None = None) -> FingerprintIndex:
-    """An index file, or the one inside a model folder."""
-    return FingerprintIndex.load(path, vocab)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build the fingerprint index of a dataset's train split.")
     p.add_argument("--data", required=True, help="tokenized dataset folder (data_prep output)")

@@ -313,9 +313,6 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-PART_NAMES = ("loss", "token", "coord", "length", "angle")
-
-
 def _parts(sums: torch.Tensor) -> dict[str, float]:
     """sums = [loss_sum, token, coord, length, angle, n_tokens, n_coord, n_length, n_angle]."""
     s = sums.double().tolist()
