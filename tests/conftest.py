@@ -22,3 +22,13 @@ def tokenizer():
     from wyckoffgpt import CrystalTokenizer
 
     return CrystalTokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A random-weight tiny model folder (tests/random_model.py): what it samples is the grammar's doing."""
+    import torch
+    from random_model import save_random_model
+
+    torch.set_num_threads(1)
+    return save_random_model(tmp_path_factory.mktemp("model"))

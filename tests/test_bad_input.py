@@ -5,22 +5,15 @@ process (fast); `{out}` is a fresh output path that must not exist afterwards, `
 holding an earlier run's files that must be left exactly as it was, `{file}` a plain file."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from random_model import save_random_model
+from scripts import load_script
 from synthetic_data import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "tests" / "data" / "mp_slice.csv.gz"
-
-
-def load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 CLIS = {"generate": REPO / "generate.py", "train": REPO / "train.py", "prepare": REPO / "data_prep" / "prepare.py"}
@@ -163,7 +156,7 @@ def test_bad_value_is_one_line_exit_2_and_writes_nothing(cli, argv, expected, fi
     full = [x for kv in flags.items() for x in kv] + argv
     before = snapshot(results)
 
-    module = load(CLIS[cli], f"{cli}_cli")
+    module = load_script(str(CLIS[cli].relative_to(REPO)))
     try:
         code = module.main(full)
     except SystemExit as e:  # argparse's own errors

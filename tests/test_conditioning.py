@@ -2,27 +2,17 @@
 from a random-weight model (the grammar guarantees it, not training); bad specs are one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from random_model import save_random_model
+from scripts import load_script
 
 from wyckoffgpt.grammar import Conditions, Limits, SequenceParser, check_conditions
 from wyckoffgpt.vocab import default_vocab
 
 VOCAB = default_vocab()
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return save_random_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -150,20 +140,13 @@ def test_bad_conditioning_raises_at_call_time(name, generator):
         generator.iter_generate(3, **kwargs)  # no next(): the call itself checks
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("generate_cli_conditioning", REPO / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 
 
 def test_cli_formula_writes_only_that_formula(model_dir, tmp_path, capsys):
     from pymatgen.core import Structure
 
     out = tmp_path / "out"
-    code = load_cli().main(["--model", str(model_dir), "--out", str(out), "--formula", "Ca2AlCu2",
+    code = load_script("generate.py").main(["--model", str(model_dir), "--out", str(out), "--formula", "Ca2AlCu2",
                             "--formula-units", "1,2", "-n", "6", "--seed", "0"])
     capsys.readouterr()
     assert code == 0
@@ -173,9 +156,7 @@ def test_cli_formula_writes_only_that_formula(model_dir, tmp_path, capsys):
 
 
 def test_csp_summary_counts_first_candidate_for_k1_and_best_match_for_k():
-    spec = importlib.util.spec_from_file_location("csp_bench", REPO / "benchmarks" / "csp.py")
-    csp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(csp)
+    csp = load_script("benchmarks/csp.py")
     rows = [{"rms": [None, 0.2, 0.1], "seconds": 1.0, "match_seconds": 0.1, "valid": 3, "formula_exact": True},
             {"rms": [0.3, None, None], "seconds": 3.0, "match_seconds": 0.1, "valid": 2, "formula_exact": True},
             {"rms": [None, None, None], "seconds": 2.0, "match_seconds": 0.1, "valid": 0, "formula_exact": True}]

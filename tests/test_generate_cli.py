@@ -3,7 +3,6 @@ seeds, and one-line errors (exit status 2) for each kind of bad input."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
 import warnings
@@ -11,27 +10,12 @@ from pathlib import Path
 
 import pytest
 from pymatgen.core import Structure
-from random_model import save_random_model
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = load_cli()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
-    return save_random_model(tmp_path_factory.mktemp("model"))
+CLI = load_script("generate.py")
 
 
 def run(argv, capsys):

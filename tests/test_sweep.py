@@ -10,27 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from random_model import save_random_model
+from scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("generate_cli_sweep", REPO / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = load_cli()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
-    return save_random_model(tmp_path_factory.mktemp("model"))
+CLI = load_script("generate.py")
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from random_model import save_random_model
 
 from wyckoffgpt import writer
 from wyckoffgpt.generation import CrystalGenerator
 from wyckoffgpt.writer import RunError, RunSettings, write_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
-    return save_random_model(tmp_path_factory.mktemp("model"))
 
 
 def rows(folder: Path) -> list[dict]:
