@@ -324,3 +324,12 @@ def test_wyckoffgpt_imports_form_no_cycle_and_chemistry_needs_no_spglib():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-1000:]
+
+
+def test_wilson_interval_brackets_the_rate_and_stays_in_bounds():
+    lo, hi = metrics.wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = metrics.wilson_interval(0, 10)  # no successes still gives a useful upper bound
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert metrics.wilson_interval(10, 10)[1] == 1.0
+    assert all(np.isnan(metrics.wilson_interval(0, 0)))

@@ -134,3 +134,23 @@ def test_relax_config_is_validated():
     with pytest.raises(ValueError, match="max_steps"):
         st.RelaxConfig(max_steps=0)
     assert np.isclose(st.RelaxConfig().bond_factor, 1.5)
+
+
+def test_streamed_results_survive_a_json_log():
+    """iter_assess's scored results go through a JSON line (the resumable logs of the screening
+    benchmarks) and come back with the same verdict."""
+    pytest.importorskip("chgnet")
+    import json
+
+    import pandas as pd
+
+    hull = st.DataHull.from_csv(NB_PD)
+    refs = st.ElementalReferences(hull, NB_PD)
+    structure = Structure.from_str(pd.read_csv(NB_PD).cif[0], fmt="cif")
+    [(position, result)] = list(st.iter_assess([structure], refs, st.RelaxConfig(max_steps=100), workers=1))
+    back = st.StabilityResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert position == 0 and result.e_above_hull is not None
+    assert (back.status, back.steps, back.connected) == (result.status, result.steps, result.connected)
+    assert back.e_above_hull == pytest.approx(result.e_above_hull)
+    assert back.structure.composition == result.structure.composition
+    assert np.allclose(back.structure.lattice.matrix, result.structure.lattice.matrix)

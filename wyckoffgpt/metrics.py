@@ -27,6 +27,7 @@ column, a folder of .cif files, an extxyz file).
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import defaultdict
@@ -73,6 +74,17 @@ def low_prototype_flags(keys: Sequence[str | None], index: FingerprintIndex) -> 
 def fraction(flags: Sequence[bool]) -> float | None:
     """Mean of booleans; None for an empty list (a rate of nothing is undefined, not 0)."""
     return sum(map(bool, flags)) / len(flags) if flags else None
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of the proportion k/n (95 % for z = 1.96); it stays inside [0, 1] and
+    is usable at k = 0 or k = n, where the normal approximation collapses to a point."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 # -- reference sets --------------------------------------------------------------------------------

@@ -112,6 +112,21 @@ class StabilityResult:
     def relaxed(self) -> bool:
         return self.status in ("relaxed", "disconnected")
 
+    def to_dict(self) -> dict:
+        """JSON-ready form (the structure as pymatgen's dict), e.g. one line of a resumable log."""
+        from monty.json import jsanitize  # numpy scalars (CHGNet's site properties) to plain numbers
+
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["structure"] = None if self.structure is None else self.structure.as_dict()
+        return jsanitize(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StabilityResult:
+        fields = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        if fields.get("structure") is not None:
+            fields["structure"] = Structure.from_dict(fields["structure"])
+        return cls(**fields)
+
 
 # -- cache -----------------------------------------------------------------------------------------
 
@@ -550,6 +565,16 @@ def score(results: Sequence[StabilityResult], references: ElementalReferences, c
         if math.isfinite(r.e_form_per_atom):
             r.e_above_hull = references.hull.e_above_hull(r.structure.composition, r.e_form_per_atom,
                                                           exclude[i] if exclude else ())
+
+
+def iter_assess(structures: Sequence[Structure], references: ElementalReferences, config: RelaxConfig | None = None,
+                workers: int | None = None) -> Iterator[tuple[int, StabilityResult]]:
+    """`assess` as a stream: (position, relaxed, checked and scored result) as each one finishes,
+    so that a long screening can be logged and resumed."""
+    config = config or RelaxConfig()
+    for i, r in iter_relax(structures, config, workers):
+        score([r], references, config)
+        yield i, r
 
 
 def assess(structures: Sequence[Structure], references: ElementalReferences, config: RelaxConfig | None = None,

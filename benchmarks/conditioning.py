@@ -1,0 +1,95 @@
+"""Does the stability token deliver? `--ehull low` against `high` and unconditioned, per chemical system.
+
+    python benchmarks/conditioning.py [--model DIR] [--systems Al-Ca-Cu Ca-Mn-O Ce-In-Pd Ba-O-Ti]
+                                      [-n 50] [--temperature 1.0] [--guidance W] [--seed 0]
+                                      [--workers 2] [--log conditioning.jsonl] [--out conditioning.json]
+
+For each chemical system, n samples per stability class (`low`, `high`, and `none`: the model picks
+the class itself) are drawn with that system's elements, relaxed with CHGNet and scored against the
+training data's hull (benchmarks/screening.py says how; --log makes a killed run resumable). Per
+system and class: the funnel, the median e_above_hull of the relaxed and connected samples, their
+share within 0.1 eV/atom and the S.U.N. rate, with 95 % Wilson intervals. The verdict per system:
+does `low` give a lower median than `high`, and a share within 0.1 eV/atom at least 1.5x that of
+`high`? A markdown table, then one JSON line (also written to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import screening
+
+from wyckoffgpt import stability
+from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex
+from wyckoffgpt.generation import CrystalGenerator, resolve_model_path
+
+CLASSES = ("low", "high", "none")
+SYSTEMS = ("Al-Ca-Cu", "Ca-Mn-O", "Ce-In-Pd", "Ba-O-Ti")
+
+
+def verdicts(report: dict, systems: list[str]) -> dict[str, dict]:
+    """Per system: low's median below high's, and low's within-0.1 share >= 1.5x high's."""
+    out = {}
+    for system in systems:
+        low, high = (report["conditions"][f"{system}/{c}"] for c in ("low", "high"))
+        m_low, m_high = low["median_e_above_hull"], high["median_e_above_hull"]
+        s_low, s_high = low["within_0.1_of_scored"], high["within_0.1_of_scored"]
+        out[system] = {"lower_median": None if m_low is None or m_high is None else m_low < m_high,
+                       "share_ratio": None if not s_high or s_low is None else s_low / s_high,
+                       "share_1.5x": None if s_low is None or s_high is None else s_low >= 1.5 * s_high}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), help="chemical systems, elements joined by '-'")
+    p.add_argument("-n", type=int, default=50, help="samples per system and class")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight of the stability token")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--fmax", type=float, default=0.1)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--data", type=Path, help="Materials Project CSV of the hull (default: data/mp_structures.csv.gz)")
+    p.add_argument("--log", type=Path, help="JSONL of finished relaxations; a rerun with the same settings resumes")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    warnings.simplefilter("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
+    index = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
+    config = stability.RelaxConfig(fmax=args.fmax, max_steps=args.max_steps)
+    refs = stability.default_references(args.data, config)
+    conditions = [screening.Condition(f"{system}/{c}", tuple(system.split("-")), None if c == "none" else c,
+                                      args.guidance if c != "none" else None)
+                  for system in args.systems for c in CLASSES]
+    report = {"benchmark": "conditioning", "date": time.strftime("%Y-%m-%d"),
+              "model": str(resolve_model_path(args.model)), "systems": args.systems, "n_asked": args.n,
+              "temperature": args.temperature, "guidance": args.guidance, "seed": args.seed, "fmax": args.fmax,
+              "max_steps": args.max_steps, "workers": args.workers, "chgnet": stability.chgnet_version(),
+              **screening.run(gen, conditions, args.n, args.temperature, args.seed, refs, config, args.workers,
+                              args.log, index)}
+    report["verdicts"] = verdicts(report, args.systems)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(screening.table(report))
+    print()
+    print("| system | low median < high median | within-0.1 share low / high | >= 1.5x |")
+    print("| --- | --- | --- | --- |")
+    for system, v in report["verdicts"].items():
+        ratio = "" if v["share_ratio"] is None else f"{v['share_ratio']:.2f}"
+        print(f"| {system} | {v['lower_median']} | {ratio} | {v['share_1.5x']} |")
+    line = json.dumps(report)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
