@@ -40,7 +40,8 @@ def python_files(paths: list[str]) -> list[Path]:
         elif path.suffix == ".py" and path.is_file():
             files.add(path)
         else:
-            raise SystemExit(f"longest_functions.py: no Python file or folder {name!r}")
+            print(f"longest_functions.py: no Python file or folder {name!r}", file=sys.stderr)
+            raise SystemExit(2)
     return sorted(files)
 
 
