@@ -158,6 +158,20 @@ def test_invalid_sequences_name_the_problem(tokenizer, text, problem):
         tokenizer.decode(CrystalSequence.from_string(text))
 
 
+def test_every_parser_phase_has_both_handlers():
+    # The parser dispatches on its phase: a phase without a handler fails when the class is made,
+    # instead of falling through to another phase's rule.
+    from wyckoffgpt.grammar import Phase, SequenceParser, _handlers
+
+    assert set(SequenceParser._FEEDERS) == set(SequenceParser._MASKS) == set(Phase)
+
+    class Incomplete(SequenceParser):
+        _mask_site_values = None
+
+    with pytest.raises(TypeError, match="no handler _mask_site_values"):
+        _handlers(Incomplete, "_mask_")
+
+
 def test_decode_fuzz_raises_only_decode_error(slice_records, tokenizer):
     seeds = [tokenizer.encode(s) for _, s in slice_records[:30]]
     result = fuzz_decode(tokenizer, seeds, n=3000, seed=1)

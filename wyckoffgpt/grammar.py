@@ -16,8 +16,7 @@ exists. It also keeps the sites in canonical order, the order every encoded crys
 position (ITA letter order), then by atomic number. Without it a model could put a heavy element on
 a position while a lighter declared element was still missing, a state that no training sequence
 continues from: the model, unable to place the missing element "in order", kept adding sites of the
-others (the default model's runaway samples, e.g. 17 Gd sites before the one Si). `parse` uses
-none of this: it accepts every grammatical sequence.
+others, without end. `parse` uses none of this: it accepts every grammatical sequence.
 
 Two conditions fix more than the prompt. An exact formula (`Conditions.formula`): a site, an element
 or the lattice is allowed only when the atoms each element still needs, for some allowed number of
@@ -30,7 +29,9 @@ limits leave room for those still missing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cache
 
 import numpy as np
@@ -97,6 +98,9 @@ class Conditions:
         from pymatgen.core import Composition
 
         return Composition(dict(zip(self.elements or (), self.formula or ()))).reduced_formula
+
+
+_NO_CONDITIONS = Conditions()
 
 
 # -- constrained decoding ------------------------------------------------------------------------
@@ -310,8 +314,34 @@ def _check_sites(vocab: Vocab, rules: _Rules, c: Conditions) -> None:
                          f"({lim.max_sites} sites, {lim.max_atoms} atoms per cell)")
 
 
+class Phase(Enum):
+    """What a parser expects next, in sequence order; the value names it in error messages."""
+
+    # Members are singletons, so identity hashing is exact, and it keeps the two handler look-ups per
+    # sampled token in C (Enum hashes the member's name in a Python-level method).
+    __hash__ = object.__hash__
+
+    BOS = "bos"
+    STABILITY = "stability"
+    ARITY = "arity"  # n:k
+    ELEMENTS = "elements"  # the k declared elements
+    SPACEGROUP = "spacegroup"
+    SITE_OR_LATTICE = "site_or_lattice"  # an orbit token, or the first free lattice parameter
+    SITE_ELEMENT = "site_element"
+    SITE_VALUES = "site_values"  # the free coordinates of the last site
+    LATTICE = "lattice"  # the remaining free lattice parameters
+    EOS = "eos"
+    DONE = "done"  # only padding may follow
+
+
 class SequenceParser:
-    """Consumes (token id, value) pairs; raises DecodeError at the first invalid one."""
+    """Consumes (token id, value) pairs; raises DecodeError at the first invalid one.
+
+    Each Phase has its handlers `_feed_<phase>` (consume a token) and `_mask_<phase>` (the tokens
+    allowed next), found by name when the class is made, so a phase without one fails at import."""
+
+    _FEEDERS: dict[Phase, Callable[..., None]]  # set below the class, by _handlers
+    _MASKS: dict[Phase, Callable[..., np.ndarray]]
 
     def __init__(self, vocab: Vocab, limits: Limits | None = None, conditions: Conditions | None = None):
         """With `limits` or `conditions`, `feed` also rejects every token `allowed_mask` excludes."""
@@ -323,7 +353,7 @@ class SequenceParser:
         self._mask_at = -1
         self._mask: np.ndarray | None = None
         self.used_elements: set[str] = set()
-        self.phase = "bos"
+        self.phase = Phase.BOS
         self.stability: str | None = None
         self.arity = 0
         self.elements: list[str] = []
@@ -345,78 +375,85 @@ class SequenceParser:
         self.n_fed += 1
 
     def _feed(self, token_id: int, value: float) -> None:
-        v = self.vocab
-        if not 0 <= token_id < len(v):
-            raise DecodeError(f"token id {token_id} outside the vocabulary (0..{len(v) - 1})")
+        if not 0 <= token_id < len(self.vocab):
+            raise DecodeError(f"token id {token_id} outside the vocabulary (0..{len(self.vocab) - 1})")
         tok = self._tok[token_id]
-        where = f"token {tok!r} at position {self.n_fed}"
-        phase = self.phase
-        if phase == "bos":
-            self._expect(token_id == v.bos_id, f"{where}: sequence must start with <bos>")
-            self.phase = "stability"
-        elif phase == "stability":
-            self._expect(token_id in v.stability_ids, f"{where}: expected a stability token")
-            self.stability, self.phase = tok, "arity"
-        elif phase == "arity":
-            self._expect(tok.startswith("n:"), f"{where}: expected the number of elements (n:k)")
-            self.arity, self.phase = int(tok[2:]), "elements"
-        elif phase == "elements":
-            self._expect(token_id in v.element_z, f"{where}: expected an element")
-            if self.elements:
-                self._expect(v.element_z[token_id] > v.element_z[v.token_to_id[self.elements[-1]]],
-                             f"{where}: elements must be listed once each, in increasing atomic number")
-            self.elements.append(tok)
-            if len(self.elements) == self.arity:
-                self.phase = "spacegroup"
-        elif phase == "spacegroup":
-            self._expect(tok.startswith("sg:"), f"{where}: expected a space group token")
-            self.group, self.phase = v.group(int(tok[3:])), "site_or_lattice"
-        elif phase == "site_or_lattice":
-            if tok in self.group.by_orbit:
-                pos = self.group.by_orbit[tok]
-                self._expect(pos.repeatable or tok not in self.used_fixed,
-                             f"{where}: Wyckoff position {pos.multiplicity}{pos.letter} has no free parameter "
-                             f"and is already occupied")
-                if not pos.repeatable:
-                    self.used_fixed.add(tok)
-                self.sites.append(Site(pos, ""))
-                self.site_starts.append(self.n_fed)
-                self.n_atoms += pos.multiplicity
-                self.phase = "site_element"
-            elif tok == self.group.lattice_free[0]:
-                self._expect(bool(self.sites), f"{where}: lattice before any Wyckoff site")
-                missing = set(self.elements) - {s.element for s in self.sites}
-                self._expect(not missing, f"{where}: declared elements {sorted(missing)} occupy no site")
-                self.phase, self.lattice_start = "lattice", self.n_fed
-                self._feed_lattice(tok, value, where)
-            elif token_id in v.orbit_ids.values():
-                raise DecodeError(f"{where}: Wyckoff orbit not in space group {self.group.number}")
-            else:
-                raise DecodeError(f"{where}: expected a Wyckoff orbit of space group {self.group.number} "
-                                  f"or lattice parameter {self.group.lattice_free[0]!r}")
-        elif phase == "site_element":
-            self._expect(tok in self.elements, f"{where}: expected one of the declared elements {self.elements}")
-            site = self.sites[-1]
-            site.element = tok
-            self.used_elements.add(tok)
-            self.phase = "site_values" if site.position.free else "site_or_lattice"
-        elif phase == "site_values":
-            site = self.sites[-1]
-            want = site.position.free[len(site.free_values)]
-            self._expect(tok == want, f"{where}: expected free coordinate {want!r}")
-            self._expect(math.isfinite(value), f"{where}: coordinate value {value!r} is not finite")
-            site.free_values.append(value % 1.0)
-            if len(site.free_values) == len(site.position.free):
-                self.phase = "site_or_lattice"
-        elif phase == "lattice":
-            self._feed_lattice(tok, value, where)
-        elif phase == "eos":
-            self._expect(token_id == v.eos_id, f"{where}: expected <eos> after the lattice")
-            self.phase = "done"
-        else:  # done: only padding may follow
-            self._expect(token_id == v.pad_id, f"{where}: tokens after <eos>")
+        self._FEEDERS[self.phase](self, token_id, tok, value, f"token {tok!r} at position {self.n_fed}")
 
-    def _feed_lattice(self, tok: str, value: float, where: str) -> None:
+    # One `_feed_<phase>` per Phase: check the token against the grammar, record it, move the phase on.
+
+    def _feed_bos(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(token_id == self.vocab.bos_id, f"{where}: sequence must start with <bos>")
+        self.phase = Phase.STABILITY
+
+    def _feed_stability(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(token_id in self.vocab.stability_ids, f"{where}: expected a stability token")
+        self.stability, self.phase = tok, Phase.ARITY
+
+    def _feed_arity(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(tok.startswith("n:"), f"{where}: expected the number of elements (n:k)")
+        self.arity, self.phase = int(tok[2:]), Phase.ELEMENTS
+
+    def _feed_elements(self, token_id: int, tok: str, value: float, where: str) -> None:
+        v = self.vocab
+        self._expect(token_id in v.element_z, f"{where}: expected an element")
+        if self.elements:
+            self._expect(v.element_z[token_id] > v.element_z[v.token_to_id[self.elements[-1]]],
+                         f"{where}: elements must be listed once each, in increasing atomic number")
+        self.elements.append(tok)
+        if len(self.elements) == self.arity:
+            self.phase = Phase.SPACEGROUP
+
+    def _feed_spacegroup(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(tok.startswith("sg:"), f"{where}: expected a space group token")
+        self.group, self.phase = self.vocab.group(int(tok[3:])), Phase.SITE_OR_LATTICE
+
+    def _feed_site_or_lattice(self, token_id: int, tok: str, value: float, where: str) -> None:
+        if tok in self.group.by_orbit:
+            self._start_site(self.group.by_orbit[tok], tok, where)
+        elif tok == self.group.lattice_free[0]:
+            self._start_lattice(token_id, tok, value, where)
+        elif token_id in self.vocab.orbit_ids.values():
+            raise DecodeError(f"{where}: Wyckoff orbit not in space group {self.group.number}")
+        else:
+            raise DecodeError(f"{where}: expected a Wyckoff orbit of space group {self.group.number} "
+                              f"or lattice parameter {self.group.lattice_free[0]!r}")
+
+    def _start_site(self, pos: WyckoffPosition, tok: str, where: str) -> None:
+        self._expect(pos.repeatable or tok not in self.used_fixed,
+                     f"{where}: Wyckoff position {pos.multiplicity}{pos.letter} has no free parameter "
+                     f"and is already occupied")
+        if not pos.repeatable:
+            self.used_fixed.add(tok)
+        self.sites.append(Site(pos, ""))
+        self.site_starts.append(self.n_fed)
+        self.n_atoms += pos.multiplicity
+        self.phase = Phase.SITE_ELEMENT
+
+    def _start_lattice(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(bool(self.sites), f"{where}: lattice before any Wyckoff site")
+        missing = set(self.elements) - {s.element for s in self.sites}
+        self._expect(not missing, f"{where}: declared elements {sorted(missing)} occupy no site")
+        self.phase, self.lattice_start = Phase.LATTICE, self.n_fed
+        self._feed_lattice(token_id, tok, value, where)
+
+    def _feed_site_element(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(tok in self.elements, f"{where}: expected one of the declared elements {self.elements}")
+        site = self.sites[-1]
+        site.element = tok
+        self.used_elements.add(tok)
+        self.phase = Phase.SITE_VALUES if site.position.free else Phase.SITE_OR_LATTICE
+
+    def _feed_site_values(self, token_id: int, tok: str, value: float, where: str) -> None:
+        site = self.sites[-1]
+        want = site.position.free[len(site.free_values)]
+        self._expect(tok == want, f"{where}: expected free coordinate {want!r}")
+        self._expect(math.isfinite(value), f"{where}: coordinate value {value!r} is not finite")
+        site.free_values.append(value % 1.0)
+        if len(site.free_values) == len(site.position.free):
+            self.phase = Phase.SITE_OR_LATTICE
+
+    def _feed_lattice(self, token_id: int, tok: str, value: float, where: str) -> None:
         want = self.group.lattice_free[len(self.lattice)]
         self._expect(tok == want, f"{where}: expected lattice parameter {want!r}")
         self._expect(math.isfinite(value), f"{where}: lattice value {value!r} is not finite")
@@ -426,7 +463,14 @@ class SequenceParser:
             self._expect(0.0 < value, f"{where}: lattice length {value} is not positive")
         self.lattice[tok] = float(value)
         if len(self.lattice) == len(self.group.lattice_free):
-            self.phase = "eos"
+            self.phase = Phase.EOS
+
+    def _feed_eos(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(token_id == self.vocab.eos_id, f"{where}: expected <eos> after the lattice")
+        self.phase = Phase.DONE
+
+    def _feed_done(self, token_id: int, tok: str, value: float, where: str) -> None:
+        self._expect(token_id == self.vocab.pad_id, f"{where}: tokens after <eos>")  # only padding may follow
 
     # -- constrained decoding: what may come next --------------------------------------------------
 
@@ -436,59 +480,70 @@ class SequenceParser:
             return self._mask
         if self._rules is None:
             self._rules = _rules(self.vocab, self.limits or Limits())
-        rules, v, c, phase = self._rules, self.vocab, self.conditions or Conditions(), self.phase
-        if phase == "bos":
-            mask = rules.one_hot(v.bos_id)
-        elif phase == "stability":
-            mask = rules.one_hot(v.token_to_id[c.stability]) if c.stability else rules.stability
-        elif phase == "arity":
-            if c.elements is not None:
-                mask = rules.one_hot(v.arity_ids[len(c.elements)])
-            elif c.spacegroup is not None:
-                mask = rules._mask(i for k, i in v.arity_ids.items() if rules.group_fits(c.spacegroup, k))
-            else:
-                mask = rules.arity_any
-        elif phase == "elements":
-            if c.elements is not None:
-                mask = rules.one_hot(v.element_ids[c.elements[len(self.elements)]])
-            else:
-                # Strictly increasing Z, leaving enough heavier elements for the rest of the declared arity.
-                start = rules.z_rank[v.element_ids[self.elements[-1]]] + 1 if self.elements else 0
-                stop = len(rules.elements_by_z) - (self.arity - len(self.elements) - 1)
-                mask = np.zeros(rules.size, dtype=bool)
-                mask[rules.elements_by_z[start:stop]] = True
-        elif phase == "spacegroup":
-            if c.spacegroup is not None:
-                mask = rules.one_hot(v.sg_ids[c.spacegroup])
-            elif c.formula is not None:
-                mask = rules.formula_spacegroups(c)
-            else:
-                mask = rules.sg_for_arity[self.arity]
-        elif phase == "site_or_lattice":
-            if c.formula is not None:
-                mask = self._formula_site_mask(rules, c)
-            elif c.sites is not None:
-                mask = self._forced_site_mask(rules, c)
-            else:
-                mask = self._site_mask(rules)
-        elif phase == "site_element":
-            if c.formula is not None:
-                mask = self._formula_element_mask(rules, c)
-            elif c.sites is not None:
-                mask = self._forced_element_mask(rules, c)
-            else:
-                mask = self._element_mask(rules)
-        elif phase == "site_values":
-            site = self.sites[-1]
-            mask = rules.one_hot(v.token_to_id[site.position.free[len(site.free_values)]])
-        elif phase == "lattice":
-            mask = rules.one_hot(v.token_to_id[self.group.lattice_free[len(self.lattice)]])
-        elif phase == "eos":
-            mask = rules.one_hot(v.eos_id)
-        else:
-            mask = rules.one_hot(v.pad_id)
+        mask = self._MASKS[self.phase](self, self._rules, self.conditions or _NO_CONDITIONS)
         self._mask_at, self._mask = self.n_fed, mask
         return mask
+
+    # One `_mask_<phase>` per Phase: the tokens allowed next in that phase.
+
+    def _mask_bos(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        return rules.one_hot(self.vocab.bos_id)
+
+    def _mask_stability(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        return rules.one_hot(self.vocab.token_to_id[c.stability]) if c.stability else rules.stability
+
+    def _mask_arity(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        v = self.vocab
+        if c.elements is not None:
+            return rules.one_hot(v.arity_ids[len(c.elements)])
+        if c.spacegroup is not None:
+            return rules._mask(i for k, i in v.arity_ids.items() if rules.group_fits(c.spacegroup, k))
+        return rules.arity_any
+
+    def _mask_elements(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        v = self.vocab
+        if c.elements is not None:
+            return rules.one_hot(v.element_ids[c.elements[len(self.elements)]])
+        # Strictly increasing Z, leaving enough heavier elements for the rest of the declared arity.
+        start = rules.z_rank[v.element_ids[self.elements[-1]]] + 1 if self.elements else 0
+        stop = len(rules.elements_by_z) - (self.arity - len(self.elements) - 1)
+        mask = np.zeros(rules.size, dtype=bool)
+        mask[rules.elements_by_z[start:stop]] = True
+        return mask
+
+    def _mask_spacegroup(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        if c.spacegroup is not None:
+            return rules.one_hot(self.vocab.sg_ids[c.spacegroup])
+        if c.formula is not None:
+            return rules.formula_spacegroups(c)
+        return rules.sg_for_arity[self.arity]
+
+    def _mask_site_or_lattice(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        if c.formula is not None:
+            return self._formula_site_mask(rules, c)
+        if c.sites is not None:
+            return self._forced_site_mask(rules, c)
+        return self._site_mask(rules)
+
+    def _mask_site_element(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        if c.formula is not None:
+            return self._formula_element_mask(rules, c)
+        if c.sites is not None:
+            return self._forced_element_mask(rules, c)
+        return self._element_mask(rules)
+
+    def _mask_site_values(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        site = self.sites[-1]
+        return rules.one_hot(self.vocab.token_to_id[site.position.free[len(site.free_values)]])
+
+    def _mask_lattice(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        return rules.one_hot(self.vocab.token_to_id[self.group.lattice_free[len(self.lattice)]])
+
+    def _mask_eos(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        return rules.one_hot(self.vocab.eos_id)
+
+    def _mask_done(self, rules: _Rules, c: Conditions) -> np.ndarray:
+        return rules.one_hot(self.vocab.pad_id)
 
     def _check_allowed(self, token_id: int, value: float) -> None:
         tok = self._tok[token_id]
@@ -682,12 +737,24 @@ class SequenceParser:
 
     @property
     def done(self) -> bool:
-        return self.phase == "done"
+        return self.phase is Phase.DONE
 
     def description(self) -> WyckoffDescription:
         if not self.done:
-            raise DecodeError(f"sequence ends early (while expecting {self.phase.replace('_', ' ')})")
+            raise DecodeError(f"sequence ends early (while expecting {self.phase.value.replace('_', ' ')})")
         return WyckoffDescription(self.stability, self.elements, self.group, self.sites, self.lattice)
+
+
+def _handlers(cls: type, prefix: str) -> dict[Phase, Callable]:
+    """{phase: cls.<prefix><phase value>} for every Phase; TypeError naming any that is missing."""
+    missing = [prefix + p.value for p in Phase if not callable(getattr(cls, prefix + p.value, None))]
+    if missing:
+        raise TypeError(f"{cls.__name__} has no handler {', '.join(missing)}")
+    return {p: getattr(cls, prefix + p.value) for p in Phase}
+
+
+SequenceParser._FEEDERS = _handlers(SequenceParser, "_feed_")
+SequenceParser._MASKS = _handlers(SequenceParser, "_mask_")
 
 
 def parse(vocab: Vocab, ids, values) -> WyckoffDescription:
