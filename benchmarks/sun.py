@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from wyckoffgpt import metrics, stability  # noqa: E402
 from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex  # noqa: E402
 from wyckoffgpt.generation import CrystalGenerator, resolve_model_path  # noqa: E402
+from wyckoffgpt.sampling import SamplingConfig  # noqa: E402
 
 THRESHOLDS = (0.1, 0.08, 0.0)
 
@@ -83,7 +84,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("-n", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
     p.add_argument("--conditions", nargs="+", choices=["none", "low", "high"], default=["none", "low", "high"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
