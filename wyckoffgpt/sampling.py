@@ -3,7 +3,8 @@
 One step: mask the logits with each row's `SequenceParser.allowed_mask()` (so no row can reach a
 dead end), divide by the temperature, optionally cut to the top-p nucleus, draw the token, then draw
 its value from the value head (`model.sample_values`, which applies the same temperature to the
-mixture) and feed only the new token through the model, reusing the cache.
+mixture) and feed only the new token through the model, reusing the cache. The settings named
+below (temperature, top_p, min_distance, max_retries, charge_check) are fields of `SamplingConfig`.
 
 Cell angles: the value head is free to propose angles that cannot close a triclinic cell. A value
 outside the parser's `value_bounds` is redrawn up to `VALUE_REDRAWS` times and then clamped into
@@ -25,9 +26,9 @@ fact: the prefix the model chose stays, each retry is a fresh draw from the mode
 prefix, and `SampledBatch.retries` records how often each row went back (`max_retries=0` gives the
 model's raw samples). Resampled rows run in a later round, left-padded to a common length.
 
-Optionally (`accept_sites`, e.g. charge balance) a finished row whose site list fails a test is drawn
-again from the end of the prompt (the forced conditions), within the same retry budget: rejection
-sampling of the model's distribution restricted to accepted crystals.
+With a charge check (`charge_check` other than "off": the sampler's `accept_sites`), a finished row
+whose composition fails it is drawn again from the end of the prompt (the forced conditions), within
+the same retry budget: rejection sampling of the model's distribution restricted to accepted crystals.
 """
 from __future__ import annotations
 
