@@ -32,11 +32,12 @@ the same retry budget: rejection sampling of the model's distribution restricted
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ class SamplingConfig:
         if unknown:
             raise TypeError(f"unknown sampling setting(s): {', '.join(unknown)} "
                             f"(SamplingConfig has {', '.join(FIELD_NAMES)})")
-        return replace(self, **changes) if changes else self
+        return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod
     def resolve(cls, config: SamplingConfig | None = None, **overrides: object) -> SamplingConfig:
