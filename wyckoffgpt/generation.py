@@ -310,8 +310,8 @@ class CrystalGenerator:
         arguments are checked here, at the call (InputError), not when the first batch is drawn."""
         check_num_samples(n)
         config = SamplingConfig.resolve(config, **overrides)
-        cond = self.conditions(elements, ehull, spacegroup, formula=formula, formula_units=formula_units,
-                               wyckoff=wyckoff, complete_sites=complete_sites)
+        cond = self.conditions(elements=elements, ehull=ehull, spacegroup=spacegroup, formula=formula,
+                               formula_units=formula_units, wyckoff=wyckoff, complete_sites=complete_sites)
         prefix = self.prompt_prefix(prompt, cond)
         self.last_seed = seed = secrets.randbits(63) if config.seed is None else int(config.seed)
         config = config.replace(seed=seed)
