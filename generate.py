@@ -23,8 +23,6 @@ import time
 import warnings
 from pathlib import Path
 
-FORMATS = ["cif", "extxyz", "json"]  # wyckoffgpt.writer.FORMATS, without importing the library for --help
-
 
 class UsageError(Exception):
     pass
@@ -36,6 +34,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # The sampling flags' defaults and choices are the library's (SamplingConfig), not typed again here.
+    from wyckoffgpt.chemistry import CHARGE_CHECKS
+    from wyckoffgpt.grammar import Limits
+    from wyckoffgpt.sampling import SamplingConfig
+    from wyckoffgpt.writer import FORMATS
+
+    default = SamplingConfig()
     p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("--elements", nargs="+", metavar="EL", help="exactly this chemical system, e.g. Al Ca Cu")
@@ -45,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formula-units", dest="formula_units", metavar="K,K,...",
                    help="formula units per cell allowed with --formula, e.g. 1,2,4 (default: any within --max-atoms)")
     p.add_argument("--max-atoms", type=int, dest="max_atoms", metavar="N",
-                   help="at most N atoms per (conventional) cell (default 208)")
+                   help=f"at most N atoms per (conventional) cell (default {Limits().max_atoms})")
     p.add_argument("--wyckoff", metavar="SPEC",
                    help="prototype: space group and Wyckoff sites, '<space group>: <element> <position>, ...', e.g. "
                         "'225: Na 4a, Cl 4b' (position: letter with or without its multiplicity); the model draws "
@@ -57,25 +62,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "column, e.g. '<bos> ehull:low n:2 Na Cl sg:225 w22a Na'); kept verbatim")
     p.add_argument("-n", "--num-samples", type=int, default=100, dest="n")
     temps = p.add_mutually_exclusive_group()
-    temps.add_argument("--temperature", type=float, default=1.0)
+    temps.add_argument("--temperature", type=float, default=default.temperature,
+                       help=f"sampling temperature (default {default.temperature}: the model's own distribution)")
     temps.add_argument("--temperatures", type=float, nargs="+", metavar="T",
                        help="a temperature sweep: n samples at each, in subfolders T<value> of --out, measured "
                             "(validity, uniqueness, novelty, distribution statistics) in --report")
-    p.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling of tokens (default: off)")
-    p.add_argument("--batch-size", type=int, default=256, dest="batch_size")
-    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    p.add_argument("--top-p", type=float, dest="top_p", default=default.top_p,
+                   help="nucleus sampling of tokens (default: off)")
+    p.add_argument("--batch-size", type=int, default=default.batch_size, dest="batch_size",
+                   help=f"sequences drawn together; the samples depend on it (default {default.batch_size})")
+    p.add_argument("--seed", type=int, default=default.seed, help="random seed (default: random, printed)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--min-distance", type=float, default=0.7, dest="min_distance",
-                   help="minimum interatomic distance in Å (default 0.7)")
-    p.add_argument("--max-retries", type=int, dest="max_retries",
+    p.add_argument("--min-distance", type=float, default=default.min_distance, dest="min_distance",
+                   help=f"minimum interatomic distance in Å (default {default.min_distance})")
+    p.add_argument("--symprec", type=float, default=default.symprec,
+                   help=f"spglib tolerance in Å when a structure's space group is compared with its sequence's "
+                        f"(flag spacegroup_mismatch; default {default.symprec})")
+    p.add_argument("--max-retries", type=int, default=default.max_retries, dest="max_retries",
                    help="how often a sample whose atoms clash goes back to the site where the clash begins "
-                        "and is sampled again from there (default: the library's MAX_RETRIES, 4; 0: raw "
+                        f"and is sampled again from there (default {default.max_retries}; 0: raw "
                         "model samples); also a sample whose composition fails --charge-check, back to the "
                         "start after the given conditions")
-    p.add_argument("--charge-check", choices=["ionic", "smact", "off"], default="ionic", dest="charge_check",
-                   help="compositions resampled (within --max-retries) and left out when they fail it: 'ionic' "
-                        "(default): oxides, nitrides, chalcogenides and halides need a charge-neutral set of "
-                        "oxidation states, intermetallics are left as drawn; 'smact': every composition must "
+    p.add_argument("--charge-check", choices=CHARGE_CHECKS, default=default.charge_check, dest="charge_check",
+                   help=f"compositions resampled (within --max-retries) and left out when they fail it (default "
+                        f"{default.charge_check}): 'ionic': oxides, nitrides, chalcogenides and halides need a "
+                        "charge-neutral set of oxidation states, intermetallics are left as drawn; 'smact': every composition must "
                         "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
@@ -101,15 +112,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model, before the (slow) model load and before anything is written;
     the sampling settings by the library's own checks."""
-    from wyckoffgpt.generation import InputError, check_sampling_arguments, normalize_elements
+    from wyckoffgpt.generation import InputError, normalize_elements
+    from wyckoffgpt.sampling import check_num_samples
 
     try:
         if args.elements is not None:
             normalize_elements(args.elements)
+        check_num_samples(args.n)
         for temperature in args.temperatures or [args.temperature]:
-            check_sampling_arguments(args.n, temperature, args.batch_size, args.top_p, args.min_distance,
-                                     0 if args.max_retries is None else args.max_retries, args.charge_check,
-                                     args.seed)
+            sampling_config(args).replace(temperature=temperature)
     except InputError as e:
         raise UsageError(str(e)) from None
     if args.max_atoms is not None and args.max_atoms <= 0:
@@ -144,6 +155,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:0, ...)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+def sampling_config(args: argparse.Namespace):
+    """The sampling flags as a `wyckoffgpt.sampling.SamplingConfig` (InputError naming a bad one)."""
+    from wyckoffgpt.sampling import FIELD_NAMES, SamplingConfig
+
+    return SamplingConfig(**{name: getattr(args, name) for name in FIELD_NAMES})
 
 
 def check_sweep_args(args: argparse.Namespace) -> None:
@@ -249,11 +267,9 @@ def generate(args: argparse.Namespace, out: Path) -> int:
         return temperature_sweep(args, out, gen, {**exact, "prompt": args.prompt})
 
     try:
-        settings = RunSettings(args.n, args.elements, args.ehull, args.spacegroup, args.temperature, args.top_p,
-                               args.seed, args.batch_size, args.min_distance,
-                               **({} if args.max_retries is None else {"max_retries": args.max_retries}),
-                               charge_check=args.charge_check, format=args.format, model=args.model,
-                               prompt=args.prompt, **exact)
+        settings = RunSettings(n=args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
+                               prompt=args.prompt, **exact, sampling=sampling_config(args), format=args.format,
+                               model=args.model)
         t0 = time.perf_counter()
         share = Share.from_env()  # torchrun / accelerate launch: one part of the run per process
         with tqdm(total=args.n, unit="seq", file=sys.stderr, disable=None if share.rank == 0 else True,
@@ -314,11 +330,9 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> 
     t0 = time.perf_counter()
     with tqdm(total=args.n * len(args.temperatures), unit="seq", file=sys.stderr, disable=None,
               desc="sweep") as bar:
-        points = sweep.run_sweep(gen, args.temperatures, args.n, reference, seed=args.seed, on_finished=bar.update,
-                                 on_point=write_point, elements=args.elements, ehull=args.ehull,
-                                 spacegroup=args.spacegroup, batch_size=args.batch_size, top_p=args.top_p,
-                                 min_distance=args.min_distance, charge_check=args.charge_check, **exact,
-                                 **({} if args.max_retries is None else {"max_retries": args.max_retries}))
+        points = sweep.run_sweep(gen, args.temperatures, args.n, reference, config=sampling_config(args),
+                                 on_finished=bar.update, on_point=write_point, elements=args.elements,
+                                 ehull=args.ehull, spacegroup=args.spacegroup, **exact)
     rows = sweep.sweep_rows(points)
     sweep.write_table(rows, report)
     print(f"seed {points[0].seed}, {len(points)} temperatures x {args.n} samples, {time.perf_counter() - t0:.1f} s")
@@ -327,11 +341,14 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> 
         print(f"T={point.temperature}: valid {r['valid']:.3f}, unique {r['unique'] or 0:.3f}, novel {novel}; "
               f"{sum(x.valid for x in point.results)} structures written to {out / f'T{point.temperature}'}")
     if args.plot:
+        from wyckoffgpt.sampling import SamplingConfig
+
+        default = SamplingConfig()
         conditions = ", ".join(filter(None, [
             "-".join(args.elements or []), args.ehull and f"ehull {args.ehull}",
             args.spacegroup and f"space group {args.spacegroup}",
-            args.max_retries is not None and f"max retries {args.max_retries}",
-            args.charge_check != "ionic" and f"charge check {args.charge_check}"]))
+            args.max_retries != default.max_retries and f"max retries {args.max_retries}",
+            args.charge_check != default.charge_check and f"charge check {args.charge_check}"]))
         sweep.plot_sweep(points, args.plot, conditions or "unconditional")
     print(f"wrote {report}" + (f" and {args.plot}" if args.plot else ""))
     return 0

@@ -25,6 +25,7 @@ import screening
 from wyckoffgpt import stability
 from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex
 from wyckoffgpt.generation import CrystalGenerator, resolve_model_path
+from wyckoffgpt.sampling import SamplingConfig
 
 CLASSES = ("low", "high", "none")
 SYSTEMS = ("Al-Ca-Cu", "Ca-Mn-O", "Ce-In-Pd", "Ba-O-Ti")
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), help="chemical systems, elements joined by '-'")
     p.add_argument("-n", type=int, default=50, help="samples per system and class")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight of the stability token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)

@@ -55,7 +55,7 @@ from wyckoffgpt.chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
 from wyckoffgpt.descriptions import prototype_key, structure_prototype  # noqa: E402
 from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex, build_fingerprint_index  # noqa: E402
 from wyckoffgpt.generation import CrystalGenerator, GeneratedCrystal, resolve_model_path  # noqa: E402
-from wyckoffgpt.sampling import MAX_RETRIES  # noqa: E402
+from wyckoffgpt.sampling import SamplingConfig  # noqa: E402
 
 SAMPLE_COLUMNS = ("seq_valid", "dist_valid", "smact", "sg_consistent", "unique", "novel", "proto_low")
 
@@ -160,9 +160,9 @@ def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, refere
                 for r in [args.max_retries] + ([0] if args.raw and args.max_retries else [])]
     for ti, temperature, ci, ehull, retries in settings:
         t0 = time.perf_counter()
-        results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, temperature=temperature,
-                               seed=args.seed + 100 * ti + ci, batch_size=args.batch_size, check_unique=False,
-                               max_retries=retries, charge_check=args.charge_check if retries else "off")
+        config = SamplingConfig(temperature=temperature, seed=args.seed + 100 * ti + ci, batch_size=args.batch_size,
+                                max_retries=retries, charge_check=args.charge_check if retries else "off")
+        results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, config=config, check_unique=False)
         t_sample = time.perf_counter() - t0
         row = {"model": name, "temperature": temperature, "ehull": ehull, "max_retries": retries,
                "charge_check": args.charge_check if retries else "off",
@@ -227,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.3])
     p.add_argument("--ehull", nargs="+", default=["none", "low", "high"], choices=["none", "low", "high"])
     p.add_argument("--ablation-model", help="an MSE-head model folder, measured the same way")
-    p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
-                   help=f"clash retries of the sampler (default {MAX_RETRIES}, the library default)")
+    default = SamplingConfig()
+    p.add_argument("--max-retries", type=int, default=default.max_retries,
+                   help=f"clash retries of the sampler (default {default.max_retries}, the library default)")
     p.add_argument("--raw", action="store_true", help="also measure every setting without clash retries")
-    p.add_argument("--charge-check", choices=list(CHARGE_CHECKS), default="ionic",
-                   help="the sampler's charge check (default: ionic, the generator's default); off: clash "
-                        "retries only")
+    p.add_argument("--charge-check", choices=list(CHARGE_CHECKS), default=default.charge_check,
+                   help=f"the sampler's charge check (default: {default.charge_check}, the generator's default); "
+                        "off: clash retries only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", help="torch device for sampling and NLL (default: cuda if available, else cpu)")

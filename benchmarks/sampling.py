@@ -79,11 +79,14 @@ def paper_tokens_per_s(batch: int, new_tokens: int, device: str) -> dict:
 
 
 def main() -> None:
+    from wyckoffgpt.sampling import SamplingConfig
+
+    default = SamplingConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("-n", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=default.batch_size)
+    p.add_argument("--temperature", type=float, default=default.temperature)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--paper-batch", type=int, default=64)
     p.add_argument("--paper-new-tokens", type=int, default=40)

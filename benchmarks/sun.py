@@ -25,13 +25,14 @@ import screening
 from wyckoffgpt import stability
 from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex
 from wyckoffgpt.generation import CrystalGenerator, resolve_model_path
+from wyckoffgpt.sampling import SamplingConfig
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("-n", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
     p.add_argument("--conditions", nargs="+", choices=["none", "low", "high"], default=["none", "low", "high"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)

@@ -164,10 +164,19 @@ def test_charge_check_off_keeps_the_compositions_the_model_drew(model_dir, tmp_p
     assert any(r["file"] and not passes_charge_check(r["reduced_formula"], "ionic") for r in off)
 
 
-def test_cli_offers_exactly_the_librarys_charge_checks(capsys):
-    # generate.py spells the choices out so that `--help` needs no pymatgen import; they must stay the
-    # library's, or a check would be missing from the CLI.
+def test_cli_defaults_are_the_librarys_sampling_config():
+    # One home for the sampling defaults: a flag per SamplingConfig field, defaulting to its value,
+    # so `generate.py` and `CrystalGenerator.generate` sample alike when given nothing.
     from wyckoffgpt.chemistry import CHARGE_CHECKS
+    from wyckoffgpt.sampling import SamplingConfig
 
+    args = CLI.parse_args([])
+    assert CLI.sampling_config(args) == SamplingConfig()
+    assert {k: getattr(args, k) for k in SamplingConfig().to_dict()} == SamplingConfig().to_dict()
     assert [CLI.parse_args(["--charge-check", c]).charge_check for c in CHARGE_CHECKS] == list(CHARGE_CHECKS)
-    assert CLI.parse_args([]).charge_check == CHARGE_CHECKS[0]  # the library's default, "ionic"
+    given = CLI.parse_args(["--temperature", "0.8", "--top-p", "0.9", "--batch-size", "16", "--seed", "5",
+                            "--min-distance", "0.5", "--max-retries", "0", "--charge-check", "off",
+                            "--symprec", "0.1"])
+    assert CLI.sampling_config(given) == SamplingConfig(temperature=0.8, top_p=0.9, batch_size=16, seed=5,
+                                                        min_distance=0.5, max_retries=0, charge_check="off",
+                                                        symprec=0.1)

@@ -115,6 +115,18 @@ def test_cached_forward_matches_uncached(position_embedding):
     torch.testing.assert_close(torch.cat(hidden, 1), full.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+def test_forward_refuses_an_unknown_keyword_and_keeps_the_cache_alias():
+    # A misspelt keyword used to vanish into **kwargs: `labels=` would give no loss and no error.
+    model = tiny()
+    batch = batch_of(2, seed=4)
+    with pytest.raises(TypeError, match="labels"):
+        model(**batch, labels=batch["input_ids"])
+    out = model(batch["input_ids"][:, :3], batch["input_values"][:, :3], use_cache=True)
+    new, cached = batch["input_ids"][:, 3:4], batch["input_values"][:, 3:4]
+    via_alias = model(new, cached, past_key_values=out.cache, use_cache=True)
+    assert via_alias.cache.get_seq_length() == 4
+
+
 def test_left_padded_batch_matches_single_sequences():
     model = tiny()
     seqs = [torch.from_numpy(s) for s in (make_sequences(2, 5)[0][0], make_sequences(2, 5)[1][0])]

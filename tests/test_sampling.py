@@ -168,10 +168,45 @@ def test_same_seed_same_samples_and_cache_matches_recompute(generator):
     runs = []
     for use_cache in (True, False):
         parsers = [SequenceParser(VOCAB, Limits(6, 40)) for _ in range(4)]
-        runs.append(Sampler(generator.model, use_cache=use_cache).sample(
+        runs.append(Sampler(generator.model, use_cache=use_cache, min_distance=0, charge_check="off").sample(
             parsers, generator=torch.Generator().manual_seed(3)))
     for ids_a, ids_b in zip(runs[0].ids, runs[1].ids):
         assert np.array_equal(ids_a, ids_b)
+
+
+def test_a_sampling_config_and_keyword_overrides_give_the_same_samples(generator):
+    from wyckoffgpt.sampling import SamplingConfig
+
+    config = SamplingConfig(temperature=0.8, top_p=0.95, batch_size=4, seed=2, charge_check="off")
+    by_config = generator.generate(6, config=config, check_unique=False)
+    by_keywords = generator.generate(6, temperature=0.8, top_p=0.95, batch_size=4, seed=2, charge_check="off",
+                                     check_unique=False)
+    overridden = generator.generate(6, config=config.replace(temperature=1.0), temperature=0.8, check_unique=False)
+    assert [str(r.sequence) for r in by_config] == [str(r.sequence) for r in by_keywords] == \
+        [str(r.sequence) for r in overridden]
+    assert all(r.temperature == 0.8 for r in by_config)
+    with pytest.raises(TypeError, match="temprature"):
+        generator.generate(2, temprature=0.8)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+    ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+    ({"batch_size": 2.5}, "batch size must be a positive integer"),
+    ({"seed": 2**63}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ({"min_distance": -1}, "minimum distance must be a finite number of Å >= 0"),
+    ({"max_retries": True}, "max_retries must be a non-negative integer"),
+    ({"charge_check": "strict"}, "charge check must be one of ionic, smact, off"),
+    ({"symprec": 0}, "symprec must be a finite number of Å > 0"),
+])
+def test_sampling_config_names_each_bad_setting(bad, message):
+    from wyckoffgpt.sampling import SamplingConfig
+    from wyckoffgpt.structure_io import InputError
+
+    with pytest.raises(InputError, match=message):
+        SamplingConfig(**bad)
+    with pytest.raises(InputError, match=message):
+        SamplingConfig().replace(**bad)  # a changed copy is checked too
 
 
 def test_top_p_and_temperature(generator):
@@ -267,7 +302,7 @@ def test_retries_resample_clashing_rows_and_keep_cache_equal_to_recompute(genera
     runs = []
     for use_cache in (True, False):
         parsers = [SequenceParser(VOCAB, Limits(6, 40)) for _ in range(12)]
-        runs.append(Sampler(generator.model, use_cache=use_cache, min_distance=0.7, max_retries=3).sample(
+        runs.append(Sampler(generator.model, use_cache=use_cache, max_retries=3, charge_check="off").sample(
             parsers, generator=torch.Generator().manual_seed(5)))
     # Resampled rows run left-padded in later rounds; with the cache they must match full recomputation.
     assert runs[0].retries == runs[1].retries and sum(runs[0].retries) > 0

@@ -15,6 +15,7 @@ import pytest
 
 from wyckoffgpt import writer
 from wyckoffgpt.generation import CrystalGenerator
+from wyckoffgpt.sampling import SamplingConfig
 from wyckoffgpt.writer import RunError, RunSettings, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def _alive(pid: int) -> bool:
 def test_files_in_shards_and_an_existing_run_is_not_overwritten(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "SHARD_SIZE", 7)
     gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
-    settings = RunSettings(40, elements=["Na", "Cl"], seed=1, batch_size=16)
+    settings = RunSettings(40, elements=["Na", "Cl"], sampling=SamplingConfig(seed=1, batch_size=16))
     counts = write_run(gen, settings, tmp_path / "run", worker=False)
     assert counts.sampled == 40 and counts.valid == sum(1 for r in rows(tmp_path / "run") if r["file"])
     shards = [p for p in (tmp_path / "run").iterdir() if p.is_dir()]
@@ -85,15 +86,16 @@ def test_files_in_shards_and_an_existing_run_is_not_overwritten(model_dir, tmp_p
     with pytest.raises(RunError, match="already holds a run"):
         write_run(gen, settings, tmp_path / "run", worker=False)
     with pytest.raises(RunError, match="seed differs"):
-        write_run(gen, RunSettings(40, elements=["Na", "Cl"], seed=2, batch_size=16), tmp_path / "run", resume=True)
+        write_run(gen, RunSettings(40, elements=["Na", "Cl"], sampling=SamplingConfig(seed=2, batch_size=16)),
+                  tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "summary.csv").read_bytes() == before
 
 
 def test_worker_process_gives_the_same_rows(model_dir, tmp_path):
     gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
     settings = {"n": 24, "elements": ["Al", "Ca", "Cu"], "seed": 4, "batch_size": 8}
-    write_run(gen, RunSettings(**settings), tmp_path / "inline", worker=False)
-    write_run(gen, RunSettings(**settings), tmp_path / "worker", worker=True)
+    write_run(gen, RunSettings.from_dict(settings), tmp_path / "inline", worker=False)
+    write_run(gen, RunSettings.from_dict(settings), tmp_path / "worker", worker=True)
     assert rows(tmp_path / "inline") == rows(tmp_path / "worker")
 
 
@@ -102,9 +104,9 @@ def test_parts_of_several_processes_merge_into_the_one_process_summary(model_dir
 
     gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
     settings = {"n": 30, "elements": ["Na", "Cl"], "seed": 6, "batch_size": 4}
-    write_run(gen, RunSettings(**settings), tmp_path / "one", worker=False, share=Share(0, 1))
+    write_run(gen, RunSettings.from_dict(settings), tmp_path / "one", worker=False, share=Share(0, 1))
     # What torchrun --nproc_per_node 3 does, one rank after the other; rank 0 merges.
     for rank in (2, 1, 0):
-        write_run(gen, RunSettings(**settings), tmp_path / "three", worker=False, share=Share(rank, 3))
+        write_run(gen, RunSettings.from_dict(settings), tmp_path / "three", worker=False, share=Share(rank, 3))
     assert rows(tmp_path / "three") == rows(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "three").iterdir() if p.is_file()) == ["run.json", "summary.csv"]

@@ -21,10 +21,12 @@ _LAZY = {
     "CrystalSequence": ".tokenizer",
     "CrystalTokenizer": ".tokenizer",
     "EncodeError": ".symmetry",
+    "SamplingConfig": ".sampling",
 }
 
 if TYPE_CHECKING:
     from .generation import CrystalGenerator
+    from .sampling import SamplingConfig
     from .symmetry import EncodeError
     from .tokenizer import CrystalSequence, CrystalTokenizer
 
@@ -38,4 +40,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["CrystalGenerator", "CrystalSequence", "CrystalTokenizer", "DecodeError", "EncodeError",
-           "WyckoffGPTConfig", "WyckoffGPTModel"]
+           "SamplingConfig", "WyckoffGPTConfig", "WyckoffGPTModel"]

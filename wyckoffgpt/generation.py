@@ -8,9 +8,7 @@ its decoding and filter outcome in `flags`, so nothing is dropped without a trac
 """
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 import os
 import re
 import secrets
@@ -24,13 +22,12 @@ import numpy as np
 import torch
 from pymatgen.core import Element, Structure
 
-from .chemistry import CHARGE_CHECKS, passes_charge_check, smact_valid
+from .chemistry import passes_charge_check, smact_valid
 from .conditioning import ConditioningError, check_prompt, parse_formula, parse_prompt, parse_wyckoff
-from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC, check_structure
-from .descriptions import description_composition
+from .decode import check_structure
 from .duplicates import find_duplicates
-from .grammar import Conditions, DecodeError, Limits, SequenceParser, WyckoffDescription, check_conditions
-from .sampling import MAX_RETRIES, Sampler
+from .grammar import Conditions, DecodeError, Limits, SequenceParser, check_conditions
+from .sampling import FIELD_NAMES, Sampler, SamplingConfig, check_num_samples
 from .structure_io import InputError
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import STABILITY_TOKENS, Vocab, default_vocab
@@ -38,7 +35,6 @@ from .vocab import STABILITY_TOKENS, Vocab, default_vocab
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # Name of the bundled default model under PRETRAINED_DIR; None: the only model folder there.
 BUNDLED_MODEL: str | None = None
-DEFAULT_BATCH_SIZE = 256
 # Longest prompt: <bos>, stability, n:k, up to 8 elements, sg; then per site orbit, element and up
 # to 3 coordinates; then up to 6 lattice values and <eos>.
 _FIXED_TOKENS = 3 + 8 + 1 + 6 + 1
@@ -160,36 +156,6 @@ def resolve_model_path(path_or_repo_id: str | Path | None) -> Path:
             raise InputError(f"model {text!r} is neither a folder nor an available Hub repository "
                              f"({_first_line(e)})") from None
     raise InputError(f"model folder {path} does not exist")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> bool:
-    return _is_number(value) and math.isfinite(value) and int(value) == value
-
-
-def check_sampling_arguments(n: int, temperature: float, batch_size: int, top_p: float | None,
-                             min_distance: float, max_retries: int, charge_check: str, seed: int | None) -> None:
-    """InputError naming the first sampling argument out of range (the conditions are checked by
-    `CrystalGenerator.conditions`, against the model's vocabulary)."""
-    if not _is_int(n) or n <= 0:
-        raise InputError(f"number of samples must be a positive integer, got {n}")
-    if not (_is_number(temperature) and 0 < temperature < math.inf):
-        raise InputError(f"temperature must be a finite number > 0, got {temperature}")
-    if not _is_int(batch_size) or batch_size <= 0:
-        raise InputError(f"batch size must be a positive integer, got {batch_size}")
-    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if not (_is_number(min_distance) and 0 <= min_distance < math.inf):
-        raise InputError(f"minimum distance must be a finite number of Å >= 0, got {min_distance}")
-    if not _is_int(max_retries) or max_retries < 0:
-        raise InputError(f"max_retries must be a non-negative integer, got {max_retries}")
-    if charge_check not in CHARGE_CHECKS:
-        raise InputError(f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {charge_check!r}")
-    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
-        raise InputError(f"seed must be an integer in [0, 2**63), got {seed}")
 
 
 class CrystalGenerator:
@@ -330,34 +296,32 @@ class CrystalGenerator:
         return seq.ids.tolist(), seq.values.tolist()
 
     def iter_batches(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
-                     spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
-                     batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
-                     min_distance: float = DEFAULT_MIN_DISTANCE, on_finished: Callable[[int], None] | None = None,
-                     max_retries: int = MAX_RETRIES, charge_check: str = "ionic",
-                     batches: Iterable[int] | None = None, *, formula: str | None = None,
+                     spacegroup: int | None = None, *, formula: str | None = None,
                      formula_units: Sequence[int] | None = None, wyckoff: str | None = None,
-                     complete_sites: bool = False,
-                     prompt: str | None = None) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
-        """The sampled sequences before decoding, one list of (index, sequence, retries) per batch.
+                     complete_sites: bool = False, prompt: str | None = None, config: SamplingConfig | None = None,
+                     batches: Iterable[int] | None = None, on_finished: Callable[[int], None] | None = None,
+                     **overrides: Any) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+        """The sampled sequences before decoding, one list of (index, sequence, retries) per batch
+        (the conditions, `config` and keyword overrides of its fields: see `generate`).
 
         Batch b holds indices b * batch_size onwards and draws from its own random stream
         (`batch_seed(seed, b)`), so any subset of the batches (`batches`: a resumed run, one
         process's share) gives exactly the samples a whole run gives at those indices. The
         arguments are checked here, at the call (InputError), not when the first batch is drawn."""
-        check_sampling_arguments(n, temperature, batch_size, top_p, min_distance, max_retries, charge_check, seed)
-        cond = self.conditions(elements, ehull, spacegroup, formula=formula, formula_units=formula_units,
-                               wyckoff=wyckoff, complete_sites=complete_sites)
+        check_num_samples(n)
+        config = SamplingConfig.resolve(config, **overrides)
+        cond = self.conditions(elements=elements, ehull=ehull, spacegroup=spacegroup, formula=formula,
+                               formula_units=formula_units, wyckoff=wyckoff, complete_sites=complete_sites)
         prefix = self.prompt_prefix(prompt, cond)
-        self.last_seed = seed = secrets.randbits(63) if seed is None else int(seed)
-        sampler = Sampler(self.model, temperature=temperature, top_p=top_p, min_distance=min_distance,
-                          max_retries=int(max_retries),
-                          accept_sites=None if charge_check == "off" else functools.partial(_passes, charge_check))
-        todo = range(math.ceil(n / batch_size)) if batches is None else batches
-        return self._batches(sampler, cond, prefix, n, seed, batch_size, on_finished, todo)
+        self.last_seed = seed = secrets.randbits(63) if config.seed is None else int(config.seed)
+        config = config.replace(seed=seed)
+        todo = range(math.ceil(n / config.batch_size)) if batches is None else batches
+        return self._batches(Sampler(self.model, config), cond, prefix, n, todo, on_finished)
 
     def _batches(self, sampler: Sampler, cond: Conditions, prefix: tuple[list[int], list[float]] | None, n: int,
-                 seed: int, batch_size: int, on_finished: Callable[[int], None] | None,
-                 batches: Iterable[int]) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+                 batches: Iterable[int],
+                 on_finished: Callable[[int], None] | None) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+        batch_size, seed = sampler.config.batch_size, sampler.config.seed
         for b in batches:
             start = b * batch_size
             size = min(batch_size, n - start)
@@ -369,47 +333,43 @@ class CrystalGenerator:
                    for i, (ids, values, retries) in enumerate(zip(batch.ids, batch.values, batch.retries))]
 
     def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
-                      spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
-                      batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
-                      min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
-                      on_finished: Callable[[int], None] | None = None,
-                      max_retries: int = MAX_RETRIES, charge_check: str = "ionic",
-                      batches: Iterable[int] | None = None, **exact: Any) -> Iterator[GeneratedCrystal]:
-        """Like `generate`, one result at a time as batches finish, without duplicate marking
-        (`batches` and the exact conditions `formula`, `formula_units`, `wyckoff`, `complete_sites`,
-        `prompt`: see `iter_batches`). Checked at the call, like `iter_batches`."""
-        sequences = self.iter_batches(n, elements, ehull, spacegroup, temperature, seed, batch_size, top_p,
-                                      min_distance, on_finished, max_retries, charge_check, batches, **exact)
-        return (finish_sample(self.tokenizer, index, seq, retries, temperature, min_distance, symprec, charge_check)
+                      spacegroup: int | None = None, *, config: SamplingConfig | None = None,
+                      batches: Iterable[int] | None = None, on_finished: Callable[[int], None] | None = None,
+                      **kwargs: Any) -> Iterator[GeneratedCrystal]:
+        """Like `generate`, one result at a time as batches finish, without duplicate marking.
+        `kwargs`: the exact conditions (`formula`, `formula_units`, `wyckoff`, `complete_sites`,
+        `prompt`) and overrides of `config`'s fields; `batches`: see `iter_batches`. Checked at the
+        call, like `iter_batches`."""
+        overrides = {k: kwargs.pop(k) for k in FIELD_NAMES if k in kwargs}
+        config = SamplingConfig.resolve(config, **overrides)
+        sequences = self.iter_batches(n, elements=elements, ehull=ehull, spacegroup=spacegroup, config=config,
+                                      batches=batches, on_finished=on_finished, **kwargs)
+        return (finish_sample(self.tokenizer, index, seq, retries, config)
                 for batch in sequences for index, seq, retries in batch)
 
     def generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
-                 spacegroup: int | None = None, temperature: float = 1.0, seed: int | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, top_p: float | None = None,
-                 min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
+                 spacegroup: int | None = None, *, formula: str | None = None,
+                 formula_units: Sequence[int] | None = None, wyckoff: str | None = None,
+                 complete_sites: bool = False, prompt: str | None = None, config: SamplingConfig | None = None,
                  check_unique: bool = True, on_finished: Callable[[int], None] | None = None,
-                 max_retries: int = MAX_RETRIES, charge_check: str = "ionic", *,
-                 formula: str | None = None, formula_units: Sequence[int] | None = None,
-                 wyckoff: str | None = None, complete_sites: bool = False,
-                 prompt: str | None = None) -> list[GeneratedCrystal]:
-        """Sample n crystals. `elements`: exactly this chemical system (each element used);
-        `ehull`: "low" | "high" | None (sampled); `spacegroup`: 1-230 or None (sampled).
-        `max_retries`: how often a sequence whose atoms clash (closer than `min_distance`) is sent
-        back to the site where the clash begins and sampled again from there (0: raw model samples).
-        `charge_check` ("ionic" | "smact" | "off", see `wyckoffgpt.chemistry.CHARGE_CHECKS`): a sequence
-        whose composition fails it is drawn again after the given conditions, within the same retries;
-        what still fails is flagged "not_charge_balanced" and not valid. The default, "ionic", asks
-        oxides, nitrides, chalcogenides and halides for a charge-neutral set of oxidation states and
-        leaves intermetallics, borides, carbides and silicides as drawn; "smact" asks every composition
-        to pass SMACT; "off" keeps the model's compositions as drawn.
-        `formula` ("Ca2AlCu2"), `formula_units` ((1, 2, 4)), `wyckoff` ("225: Na 4a, Cl 4b"),
+                 **overrides: Any) -> list[GeneratedCrystal]:
+        """Sample n crystals.
+
+        What to generate: `elements`: exactly this chemical system (each element used); `ehull`:
+        "low" | "high" | None (sampled); `spacegroup`: 1-230 or None (sampled); `formula`
+        ("Ca2AlCu2"), `formula_units` ((1, 2, 4)), `wyckoff` ("225: Na 4a, Cl 4b"),
         `complete_sites`: see `conditions`. `prompt`: a sequence prefix in CrystalSequence text form
         ("<bos> ehull:low n:2 Na Cl sg:225 ..."), continued by every sample and kept verbatim.
+
+        How: `config`, a `wyckoffgpt.sampling.SamplingConfig` (temperature, top_p, batch_size,
+        seed, min_distance, max_retries, charge_check, symprec: each documented there), and
+        keyword overrides of its fields: `generate(100, temperature=0.8, seed=0)`.
+        `check_unique`: flag valid samples that repeat an earlier one "duplicate" (see
+        `mark_duplicates`); `on_finished(k)`: called as k more samples are finished.
         The same seed and batch size give the same crystals on the same device and library versions."""
-        results = list(self.iter_generate(n, elements, ehull, spacegroup, temperature, seed, batch_size, top_p,
-                                          min_distance, symprec, on_finished, max_retries, charge_check,
-                                          formula=formula, formula_units=formula_units, wyckoff=wyckoff,
-                                          complete_sites=complete_sites, prompt=prompt))
+        results = list(self.iter_generate(n, elements=elements, ehull=ehull, spacegroup=spacegroup, config=config,
+                                          on_finished=on_finished, formula=formula, formula_units=formula_units,
+                                          wyckoff=wyckoff, complete_sites=complete_sites, prompt=prompt, **overrides))
         if check_unique:
             mark_duplicates(results)
         return results
@@ -420,13 +380,13 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([int(seed) % 2**63, batch]).generate_state(1, np.uint64)[0]) >> 1
 
 
-def finish_sample(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, retries: int, temperature: float,
-                  min_distance: float = DEFAULT_MIN_DISTANCE, symprec: float = DEFAULT_SYMPREC,
-                  charge_check: str = "ionic") -> GeneratedCrystal:
-    """A sampled sequence decoded and put through the filters (needs no model: runs in any process)."""
-    result = _result(tokenizer, index, seq, temperature, min_distance, symprec)
+def finish_sample(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, retries: int,
+                  config: SamplingConfig) -> GeneratedCrystal:
+    """A sampled sequence decoded and put through the filters of `config` (its min_distance, symprec
+    and charge_check; needs no model: runs in any process)."""
+    result = _result(tokenizer, index, seq, config.temperature, config.min_distance, config.symprec)
     result.retries = retries
-    if result.structure is not None and not passes_charge_check(result.structure.composition, charge_check):
+    if result.structure is not None and not passes_charge_check(result.structure.composition, config.charge_check):
         result.flags.append("not_charge_balanced")
     return result
 
@@ -446,10 +406,6 @@ def _result(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, tempe
                                 charge_balanced=smact_valid(structure.composition))
     return GeneratedCrystal(index, seq, structure, sg, check.detected_spacegroup, check.min_distance,
                             temperature, check.flags, charge_balanced=smact_valid(structure.composition))
-
-
-def _passes(charge_check: str, desc: WyckoffDescription) -> bool:
-    return passes_charge_check(description_composition(desc), charge_check)
 
 
 def mark_duplicates(results: list[GeneratedCrystal]) -> None:

@@ -3,7 +3,8 @@
 One step: mask the logits with each row's `SequenceParser.allowed_mask()` (so no row can reach a
 dead end), divide by the temperature, optionally cut to the top-p nucleus, draw the token, then draw
 its value from the value head (`model.sample_values`, which applies the same temperature to the
-mixture) and feed only the new token through the model, reusing the cache.
+mixture) and feed only the new token through the model, reusing the cache. The settings named
+below (temperature, top_p, min_distance, max_retries, charge_check) are fields of `SamplingConfig`.
 
 Cell angles: the value head is free to propose angles that cannot close a triclinic cell. A value
 outside the parser's `value_bounds` is redrawn up to `VALUE_REDRAWS` times and then clamped into
@@ -25,26 +26,148 @@ fact: the prefix the model chose stays, each retry is a fresh draw from the mode
 prefix, and `SampledBatch.retries` records how often each row went back (`max_retries=0` gives the
 model's raw samples). Resampled rows run in a later round, left-padded to a common length.
 
-Optionally (`accept_sites`, e.g. charge balance) a finished row whose site list fails a test is drawn
-again from the end of the prompt (the forced conditions), within the same retry budget: rejection
-sampling of the model's distribution restricted to accepted crystals.
+With a charge check (`charge_check` other than "off": the sampler's `accept_sites`), a finished row
+whose composition fails it is drawn again from the end of the prompt (the forced conditions), within
+the same retry budget: rejection sampling of the model's distribution restricted to accepted crystals.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from .chemistry import CHARGE_CHECKS, passes_charge_check
 from .composition import feature_size, parser_features, sequence_features
-from .decode import SEPARABLE, close_pairs, separating_length, shortest_lattice_vector, to_structure
+from .decode import (
+    DEFAULT_MIN_DISTANCE,
+    DEFAULT_SYMPREC,
+    SEPARABLE,
+    close_pairs,
+    separating_length,
+    shortest_lattice_vector,
+    to_structure,
+)
+from .descriptions import description_composition
 from .grammar import DecodeError, SequenceParser, WyckoffDescription
+from .structure_io import InputError
 
 VALUE_REDRAWS = 4
 GEOMETRY_REDRAWS = 8
-MAX_RETRIES = 4
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value) and int(value) == value
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample: every setting of `Sampler`, `CrystalGenerator.generate` / `iter_generate` /
+    `iter_batches`, `writer.RunSettings`, `sweep.run_sweep` and generate.py, in one validated object
+    (like transformers' `GenerationConfig`). A value out of range raises `InputError` naming it when
+    the object is made, so a bad setting fails at the call, before any model work.
+
+        config = SamplingConfig(temperature=0.8, seed=0)
+        gen.generate(100, elements=["Al", "Ca", "Cu"], config=config)
+        gen.generate(100, temperature=0.8, seed=0)  # the same: keywords override `config`'s fields
+
+    What to generate (elements, ehull, space group, formula, Wyckoff sites, prompt) and how many are
+    not here: they are the request, checked against the model's vocabulary by
+    `CrystalGenerator.conditions`, and the same settings serve any request. Frozen: derive a changed
+    copy with `config.replace(temperature=1.3)` (validated again).
+
+    temperature: divides the token logits and scales the value head's mixture (see
+        `model.sample_values`) before each draw; > 0, finite, dimensionless. Default 1.0, the
+        model's own distribution; lower is more conservative, higher more diverse.
+    top_p: nucleus sampling of tokens, keeping the smallest set of most likely tokens whose
+        probability reaches top_p; in (0, 1]. Default None: off (every allowed token).
+    batch_size: sequences drawn together in one batch; a positive integer. Default 256. Batch b
+        draws from its own random stream, so the samples depend on it: same seed and batch size,
+        same crystals.
+    seed: seeds the random streams of the batches (`generation.batch_seed`); an integer in
+        [0, 2**63). Default None: a random seed, recorded as `CrystalGenerator.last_seed`.
+    min_distance: Å, >= 0. Default 0.7. Atoms closer than this mark a structure as not valid
+        ("too_close"); while sampling, the last free cell length is drawn to keep atoms at least
+        this far apart where it can, and a finished crystal that still clashes is sent back to the
+        site where the clash begins (`max_retries`). 0: no distance filter or clash handling.
+    max_retries: how often a sequence is sent back and sampled again, for a clash or a failed
+        charge check (see the module docstring); a non-negative integer. Default 4; 0: the
+        model's raw samples.
+    charge_check: "ionic" | "smact" | "off" (`wyckoffgpt.chemistry.CHARGE_CHECKS`). A sequence
+        whose composition fails it is drawn again after the given conditions, within
+        `max_retries`; what still fails is flagged "not_charge_balanced" and is not valid. Default
+        "ionic": oxides, nitrides, chalcogenides and halides need a charge-neutral set of oxidation
+        states, intermetallics, borides, carbides and silicides are left as drawn; "smact": every
+        composition must pass SMACT; "off": compositions as drawn.
+    symprec: Å, > 0. Default 0.01 (the tolerance the tokenizer encodes with). spglib's tolerance
+        when the filter compares a structure's space group with the one its sequence states
+        ("spacegroup_mismatch"); does not change what is sampled.
+    """
+
+    temperature: float = 1.0
+    top_p: float | None = None
+    batch_size: int = 256
+    seed: int | None = None
+    min_distance: float = DEFAULT_MIN_DISTANCE
+    max_retries: int = 4
+    charge_check: str = "ionic"
+    symprec: float = DEFAULT_SYMPREC
+
+    def __post_init__(self) -> None:
+        # One message per setting; the first out of range is reported.
+        if not (_is_number(self.temperature) and 0 < self.temperature < math.inf):
+            raise InputError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.batch_size) or self.batch_size <= 0:
+            raise InputError(f"batch size must be a positive integer, got {self.batch_size}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise InputError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        if not (_is_number(self.min_distance) and 0 <= self.min_distance < math.inf):
+            raise InputError(f"minimum distance must be a finite number of Å >= 0, got {self.min_distance}")
+        if not _is_int(self.max_retries) or self.max_retries < 0:
+            raise InputError(f"max_retries must be a non-negative integer, got {self.max_retries}")
+        if self.charge_check not in CHARGE_CHECKS:
+            raise InputError(f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {self.charge_check!r}")
+        if not (_is_number(self.symprec) and 0 < self.symprec < math.inf):
+            raise InputError(f"symprec must be a finite number of Å > 0, got {self.symprec}")
+
+    def replace(self, **changes: object) -> SamplingConfig:
+        """A copy with these fields changed, validated (TypeError naming an unknown field)."""
+        unknown = [k for k in changes if k not in FIELD_NAMES]
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s): {', '.join(unknown)} "
+                            f"(SamplingConfig has {', '.join(FIELD_NAMES)})")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def resolve(cls, config: SamplingConfig | None = None, **overrides: object) -> SamplingConfig:
+        """`config` (default: the defaults) with keyword `overrides` applied: how every sampling
+        function takes both a config and keywords."""
+        if config is not None and not isinstance(config, SamplingConfig):
+            raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        return (config or cls()).replace(**overrides)
+
+    def to_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+FIELD_NAMES = tuple(f.name for f in fields(SamplingConfig))
+
+
+def check_num_samples(n: object) -> None:
+    """InputError unless `n` (how many crystals to sample) is a positive integer."""
+    if not _is_int(n) or n <= 0:
+        raise InputError(f"number of samples must be a positive integer, got {n}")
 
 
 @dataclass
@@ -112,28 +235,82 @@ def draw_tokens(logits: torch.Tensor, allowed: torch.Tensor | None, temperature:
     return torch.minimum(tok, last)
 
 
+@dataclass
+class _Rows:
+    """The rows of one `Sampler.sample` call: tokens and values so far, each row's parser (None: the
+    grammar is off) and how often it was sent back."""
+
+    ids: list[list[int]]
+    values: list[list[float]]
+    parsers: list[SequenceParser] | None
+    retries: list[int]
+    prompt_len: int
+    max_new_tokens: int | None  # the length of every row when the grammar is off
+
+    def result(self, n_new_tokens: int) -> SampledBatch:
+        return SampledBatch([np.array(i, dtype=np.int64) for i in self.ids],
+                            [np.array(v, dtype=np.float64) for v in self.values], n_new_tokens, self.retries)
+
+
+@dataclass
+class _Live:
+    """The rows of a round still drawing, as the model's inputs: left-padded ids, values, attention
+    mask (None without padding) and running composition (None when the model reads none), all
+    fed so far; `step_*` is what the next forward pass feeds (everything at first, then the
+    newest token)."""
+
+    rows: torch.Tensor  # index of each live row in `_Rows`
+    ids: torch.Tensor
+    vals: torch.Tensor
+    mask: torch.Tensor | None
+    comp: torch.Tensor | None
+    step_ids: torch.Tensor = field(init=False)
+    step_vals: torch.Tensor = field(init=False)
+    step_comp: torch.Tensor | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.step_ids, self.step_vals, self.step_comp = self.ids, self.vals, self.comp
+
+    def extend(self, tok: torch.Tensor, val: torch.Tensor, step_comp: torch.Tensor | None) -> None:
+        """Append the drawn tokens (one per live row); they are the next step's input."""
+        self.ids, self.vals = torch.cat([self.ids, tok[:, None]], 1), torch.cat([self.vals, val[:, None]], 1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        if self.comp is not None:
+            self.comp = torch.cat([self.comp, step_comp], 1)
+        self.step_ids, self.step_vals, self.step_comp = tok[:, None], val[:, None], step_comp
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Only the live rows at `idx` go on."""
+        self.rows, self.ids, self.vals = self.rows[idx], self.ids[idx], self.vals[idx]
+        self.step_ids, self.step_vals = self.step_ids[idx], self.step_vals[idx]
+        if self.mask is not None:
+            self.mask = self.mask[idx]
+        if self.comp is not None:
+            self.comp, self.step_comp = self.comp[idx], self.step_comp[idx]
+
+
 class Sampler:
     """Draws sequences from a WyckoffGPT-like model: `model(input_ids, input_values, cache=,
-    use_cache=)` returning `logits`, `last_hidden_state`, `cache`, and `model.sample_values`."""
+    use_cache=)` returning `logits`, `last_hidden_state`, `cache`, and `model.sample_values`.
 
-    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_p: float | None = None,
-                 use_cache: bool = True, min_distance: float | None = None, max_retries: int = MAX_RETRIES,
-                 accept_sites: Callable[[WyckoffDescription], bool] | None = None):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self.max_retries = max_retries
+    `config` (a `SamplingConfig`, default its defaults) with keyword overrides, e.g.
+    `Sampler(model, temperature=0.8, charge_check="off")`: the sampler uses the temperature,
+    top_p, min_distance, max_retries and charge_check (batch_size and seed belong to the caller,
+    who makes the parsers and the random generator). `use_cache=False` recomputes the whole
+    sequence at every step (to check the cache, or time it)."""
+
+    def __init__(self, model: torch.nn.Module, config: SamplingConfig | None = None, *, use_cache: bool = True,
+                 **overrides: object):
+        self.config = SamplingConfig.resolve(config, **overrides)
         self.model = model
-        self.temperature = temperature
-        self.top_p = top_p
         self.use_cache = use_cache
-        self.min_distance = min_distance
-        # A test of the finished site list (e.g. charge balance): a row that fails it is drawn again
-        # after the prompt, sharing the retry budget with clashes.
-        self.accept_sites = accept_sites
+        self._is_value: torch.Tensor | None = None
+        check = self.config.charge_check
+        # A test of the finished site list: a row that fails it is drawn again after the prompt,
+        # sharing the retry budget with clashes.
+        self.accept_sites: Callable[[WyckoffDescription], bool] | None = (
+            None if check == "off" else functools.partial(_passes_charge_check, check))
 
     @property
     def device(self) -> torch.device:
@@ -151,161 +328,167 @@ class Sampler:
         `on_step(k)` is called after every step with the number of rows that finished for good.
         `prefix` (token ids and values, from <bos>): a prompt every row starts with, kept verbatim
         (resampling never goes back into it); the parsers must accept it."""
-        prompt_values: list[float] = []
         if parsers is not None:
-            # The forced prefix is the same for every row: one prompt, no padding.
-            given_ids, given_values = (list(prefix[0]), list(prefix[1])) if prefix is not None else ([], [])
-            for p in parsers:
-                for t, v in zip(given_ids, given_values):
-                    p.feed(int(t), v)
-            forced = forced_prefix(parsers[0])
-            for p in parsers[1:]:
-                for t in forced:
-                    p.feed(t)
-            prompt = given_ids + forced
-            prompt_values = given_values + [math.nan] * len(forced)
+            prompt, prompt_values = _feed_prompt(parsers, prefix)
             batch_size = len(parsers)
         elif not prompt or not batch_size or not max_new_tokens:
             raise ValueError("without parsers, give prompt, batch_size and max_new_tokens")
         else:
             prompt_values = [math.nan] * len(prompt)
-        out_ids = [list(prompt) for _ in range(batch_size)]
-        out_vals: list[list[float]] = [list(prompt_values) for _ in range(batch_size)]
+        rows = _Rows([list(prompt) for _ in range(batch_size)], [list(prompt_values) for _ in range(batch_size)],
+                     parsers, [0] * batch_size, len(prompt), max_new_tokens)
         if parsers is not None and parsers[0].done:  # the prompt is a whole sequence
-            return SampledBatch([np.array(i, dtype=np.int64) for i in out_ids],
-                                [np.array(v, dtype=np.float64) for v in out_vals], 0, [0] * batch_size)
-        retries = [0] * batch_size
+            return rows.result(0)
         pending, n_new = list(range(batch_size)), 0
-        # Rows sent back to an earlier site (see _resume_point) are sampled again in a later round,
+        # Rows sent back to an earlier site (see _resample_from) are sampled again in a later round,
         # left-padded to a common length.
         while pending:
-            pending, n = self._round(pending, out_ids, out_vals, parsers, retries, len(prompt), max_new_tokens,
-                                     generator, on_step)
+            pending, n = self._round(pending, rows, generator, on_step)
             n_new += n
-        return SampledBatch([np.array(i, dtype=np.int64) for i in out_ids],
-                            [np.array(v, dtype=np.float64) for v in out_vals], n_new, retries)
+        return rows.result(n_new)
 
-    def _round(self, rows: list[int], out_ids: list[list[int]], out_vals: list[list[float]],
-               parsers: list[SequenceParser] | None, retries: list[int], prompt_len: int,
-               max_new_tokens: int | None, generator: torch.Generator | None,
+    def _round(self, pending: list[int], rows: _Rows, generator: torch.Generator | None,
                on_step: Callable[[int], None] | None) -> tuple[list[int], int]:
-        """Continue `rows` from their current tokens to <eos>; returns the rows to resample and the
-        number of tokens drawn."""
-        model, dev = self.model, self.device
-        config = model.config
-        value_ids = config.coord_token_ids + config.length_token_ids + config.angle_token_ids
-        is_value = torch.zeros(config.vocab_size, dtype=torch.bool, device=dev)
-        is_value[value_ids] = True
+        """Continue the `pending` rows from their current tokens to <eos>; returns the rows to
+        resample and the number of tokens drawn."""
+        live, cache, n_new, again = self._open_round(pending, rows), None, 0, []
+        while len(live.rows):
+            logits, hidden, cache = self._forward(live, cache)
+            live_rows = live.rows.tolist()
+            tok, val = self._draw(logits, hidden, live_rows, rows.parsers, generator)
+            n_new += len(live_rows)
+            sent_back = len(again)
+            finished = [self._append(r, t, v, rows, again) for r, t, v in zip(live_rows, tok.tolist(), val.tolist())]
+            if on_step is not None:
+                on_step(sum(finished) - (len(again) - sent_back))  # rows finished for good
+            live.extend(tok, val, self._step_composition(live_rows, rows.parsers, live.comp))
+            keep = ~torch.tensor(finished, device=live.ids.device)
+            if not keep.all():
+                # Finished rows leave the batch (and the cache) instead of being padded along.
+                idx = keep.nonzero().squeeze(1)
+                live.keep(idx)
+                if cache is not None and len(live.rows):
+                    cache.batch_select_indices(idx)
+        return again, n_new
 
-        width = max(len(out_ids[r]) for r in rows)
-        pads = [width - len(out_ids[r]) for r in rows]
-        ids = torch.tensor([[config.pad_token_id] * k + out_ids[r] for k, r in zip(pads, rows)], dtype=torch.long,
-                           device=dev)
+    def _open_round(self, pending: list[int], rows: _Rows) -> _Live:
+        """The pending rows as the model's inputs, left-padded to a common length."""
+        config, dev = self.model.config, self.device
+        width = max(len(rows.ids[r]) for r in pending)
+        pads = [width - len(rows.ids[r]) for r in pending]
+        ids = torch.tensor([[config.pad_token_id] * k + rows.ids[r] for k, r in zip(pads, pending)],
+                           dtype=torch.long, device=dev)
         # Values stay float64 so that a value clamped to a bound is exactly what the parser checks.
-        vals = torch.tensor([[math.nan] * k + out_vals[r] for k, r in zip(pads, rows)], dtype=torch.float64,
+        vals = torch.tensor([[math.nan] * k + rows.values[r] for k, r in zip(pads, pending)], dtype=torch.float64,
                             device=dev)
         mask = None
         if any(pads):
             mask = torch.tensor([[0] * k + [1] * (width - k) for k in pads], dtype=torch.long, device=dev)
-        slots = getattr(config, "composition_slots", 0)
-        charge = getattr(config, "charge_feature", False)
         comp = None
+        slots, charge = self._composition_inputs
         if slots:
-            comp = torch.zeros((len(rows), width, feature_size(slots, charge)), dtype=torch.float32, device=dev)
-            if parsers is not None:
-                for i, (k, r) in enumerate(zip(pads, rows)):
-                    comp[i, k:] = torch.from_numpy(sequence_features(parsers[r].vocab, out_ids[r], slots, charge))
-        live_rows = torch.tensor(rows, device=dev)  # original index of each live row
-        cache, step_ids, step_vals, step_comp, n_new, again = None, ids, vals, comp, 0, []
-        while len(live_rows):
-            if self.use_cache:
-                out = model(step_ids, step_vals, attention_mask=mask, cache=cache, use_cache=True,
-                            composition=step_comp)
-                cache = out.cache
-            else:
-                out = model(ids, vals, attention_mask=mask, composition=comp)
-            logits, hidden = out.logits[:, -1], out.last_hidden_state[:, -1]
-            live = live_rows.tolist()
-            allowed = None
-            if parsers is not None:
-                allowed = torch.from_numpy(np.stack([parsers[r].allowed_mask() for r in live])).to(dev)
-            tok = draw_tokens(logits, allowed, self.temperature, self.top_p, generator)
-            val = torch.full(tok.shape, math.nan, dtype=torch.float64, device=dev)
-            has_value = is_value[tok]
-            if has_value.any():
-                sel = has_value.nonzero().squeeze(1)
-                val[sel] = self._values(hidden[sel], tok[sel], [live[i] for i in sel.tolist()], parsers, generator)
-            n_new += len(live)
-            tok_l, val_l = tok.tolist(), val.tolist()
-            finished, n_final = [], 0
-            for i, r in enumerate(live):
-                out_ids[r].append(tok_l[i])
-                out_vals[r].append(val_l[i])
-                if parsers is None:
-                    done = len(out_ids[r]) - prompt_len >= max_new_tokens
-                else:
-                    parsers[r].feed(tok_l[i], val_l[i])
-                    done = parsers[r].done
-                    if done and retries[r] < self.max_retries and self._resample_from(r, out_ids, out_vals, parsers,
-                                                                                       prompt_len):
-                        retries[r] += 1
-                        again.append(r)
-                        finished.append(True)  # leaves this round, not the sample
-                        continue
-                finished.append(done)
-                n_final += done
-            if on_step is not None:
-                on_step(n_final)
-            ids, vals = torch.cat([ids, tok[:, None]], 1), torch.cat([vals, val[:, None]], 1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            if comp is not None:
-                step_comp = torch.zeros((len(live), 1, comp.shape[2]), dtype=comp.dtype, device=dev)
-                if parsers is not None:
-                    step_comp[:, 0] = torch.from_numpy(np.stack([parser_features(parsers[r], slots, charge) for r in live]))
-                comp = torch.cat([comp, step_comp], 1)
-            keep = ~torch.tensor(finished, device=dev)
-            if not keep.all():
-                # Finished rows leave the batch (and the cache) instead of being padded along.
-                idx = keep.nonzero().squeeze(1)
-                live_rows, ids, vals, tok, val = live_rows[idx], ids[idx], vals[idx], tok[idx], val[idx]
-                if mask is not None:
-                    mask = mask[idx]
-                if comp is not None:
-                    comp, step_comp = comp[idx], step_comp[idx]
-                if cache is not None and len(live_rows):
-                    cache.batch_select_indices(idx)
-            step_ids, step_vals = tok[:, None], val[:, None]
-        return again, n_new
+            comp = torch.zeros((len(pending), width, feature_size(slots, charge)), dtype=torch.float32, device=dev)
+            if rows.parsers is not None:
+                for i, (k, r) in enumerate(zip(pads, pending)):
+                    comp[i, k:] = torch.from_numpy(sequence_features(rows.parsers[r].vocab, rows.ids[r], slots,
+                                                                     charge))
+        return _Live(torch.tensor(pending, device=dev), ids, vals, mask, comp)
 
-    def _resample_from(self, row: int, out_ids: list[list[int]], out_vals: list[list[float]],
-                       parsers: list[SequenceParser], prompt_len: int) -> bool:
+    @property
+    def _composition_inputs(self) -> tuple[int, bool]:
+        """The model's composition slots (0: it reads no running composition) and charge feature."""
+        config = self.model.config
+        return getattr(config, "composition_slots", 0), getattr(config, "charge_feature", False)
+
+    def _forward(self, live: _Live, cache: object) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """The last position's logits and hidden state per live row, and the updated cache."""
+        if self.use_cache:
+            out = self.model(live.step_ids, live.step_vals, attention_mask=live.mask, cache=cache, use_cache=True,
+                             composition=live.step_comp)
+            cache = out.cache
+        else:
+            out = self.model(live.ids, live.vals, attention_mask=live.mask, composition=live.comp)
+        return out.logits[:, -1], out.last_hidden_state[:, -1], cache
+
+    def _draw(self, logits: torch.Tensor, hidden: torch.Tensor, live_rows: list[int],
+              parsers: list[SequenceParser] | None,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per live row within its grammar, and a value for each value token (NaN for the
+        others)."""
+        dev = logits.device
+        allowed = None
+        if parsers is not None:
+            allowed = torch.from_numpy(np.stack([parsers[r].allowed_mask() for r in live_rows])).to(dev)
+        tok = draw_tokens(logits, allowed, self.config.temperature, self.config.top_p, generator)
+        val = torch.full(tok.shape, math.nan, dtype=torch.float64, device=dev)
+        has_value = self._value_tokens()[tok]
+        if has_value.any():
+            sel = has_value.nonzero().squeeze(1)
+            val[sel] = self._values(hidden[sel], tok[sel], [live_rows[i] for i in sel.tolist()], parsers, generator)
+        return tok, val
+
+    def _value_tokens(self) -> torch.Tensor:
+        """(V,) bool on the model's device: which tokens carry a value."""
+        if self._is_value is None or self._is_value.device != self.device:
+            config = self.model.config
+            self._is_value = torch.zeros(config.vocab_size, dtype=torch.bool, device=self.device)
+            self._is_value[config.coord_token_ids + config.length_token_ids + config.angle_token_ids] = True
+        return self._is_value
+
+    def _append(self, row: int, token: int, value: float, rows: _Rows, again: list[int]) -> bool:
+        """Add a drawn token to its row; whether the row leaves this round (it has its <eos>, or it
+        was sent back to an earlier site and appended to `again`)."""
+        rows.ids[row].append(token)
+        rows.values[row].append(value)
+        if rows.parsers is None:
+            return len(rows.ids[row]) - rows.prompt_len >= rows.max_new_tokens
+        rows.parsers[row].feed(token, value)
+        if not rows.parsers[row].done:
+            return False
+        if rows.retries[row] < self.config.max_retries and self._resample_from(row, rows):
+            rows.retries[row] += 1
+            again.append(row)
+        return True
+
+    def _step_composition(self, live_rows: list[int], parsers: list[SequenceParser] | None,
+                          comp: torch.Tensor | None) -> torch.Tensor | None:
+        """The running composition after each live row's newest token (None when the model reads none)."""
+        if comp is None:
+            return None
+        slots, charge = self._composition_inputs
+        step_comp = torch.zeros((len(live_rows), 1, comp.shape[2]), dtype=comp.dtype, device=comp.device)
+        if parsers is not None:
+            step_comp[:, 0] = torch.from_numpy(np.stack([parser_features(parsers[r], slots, charge)
+                                                         for r in live_rows]))
+        return step_comp
+
+    def _resample_from(self, row: int, rows: _Rows) -> bool:
         """If the finished row's sites fail `accept_sites`, cut it back to the end of the prompt (the
         conditions); else if its crystal has atoms closer than `min_distance`, cut it back to where the
         clash begins (see `resume_point`). Rewinds the parser and returns True when the row was cut."""
-        parser = parsers[row]
+        parser = rows.parsers[row]
         cut = None
         if self.accept_sites is not None and not self.accept_sites(parser.description()):
             # Back to the prompt rather than the first site: the chemistry and space group the model
             # chose may admit no accepted site list, and a whole new draw is plain rejection sampling.
-            cut = prompt_len
-        elif self.min_distance:
-            cut = resume_point(parser, self.min_distance)
+            cut = rows.prompt_len
+        elif self.config.min_distance:
+            cut = resume_point(parser, self.config.min_distance)
             if cut is not None:
-                cut = max(cut, prompt_len)  # the prompt stays as given
-        if cut is None or cut >= len(out_ids[row]):
+                cut = max(cut, rows.prompt_len)  # the prompt stays as given
+        if cut is None or cut >= len(rows.ids[row]):
             return False
         fresh = SequenceParser(parser.vocab, parser.limits, parser.conditions)
-        del out_ids[row][cut:], out_vals[row][cut:]
-        for t, v in zip(out_ids[row], out_vals[row]):
+        del rows.ids[row][cut:], rows.values[row][cut:]
+        for t, v in zip(rows.ids[row], rows.values[row]):
             fresh.feed(t, v)
-        parsers[row] = fresh
+        rows.parsers[row] = fresh
         return True
 
     def _values(self, hidden: torch.Tensor, tok: torch.Tensor, rows: list[int],
                 parsers: list[SequenceParser] | None, generator: torch.Generator | None) -> torch.Tensor:
         """Values for value tokens, redrawn then clamped into each row's grammar bounds."""
-        val = self.model.sample_values(hidden, tok, self.temperature, generator).double()
+        val = self.model.sample_values(hidden, tok, self.config.temperature, generator).double()
         if parsers is None:
             return val
         bounds = torch.tensor([parsers[r].value_bounds(t) for r, t in zip(rows, tok.tolist())],
@@ -316,17 +499,17 @@ class Sampler:
             if not bad.any():
                 break
             sel = bad.nonzero().squeeze(1)
-            val[sel] = self.model.sample_values(hidden[sel], tok[sel], self.temperature, generator).double()
+            val[sel] = self.model.sample_values(hidden[sel], tok[sel], self.config.temperature, generator).double()
         mid = torch.where(torch.isfinite(hi), (lo + hi) / 2, lo + 1.0)
         val = torch.where(torch.isnan(val), mid, val)
         val = torch.minimum(torch.maximum(val, lo), hi)
-        if self.min_distance:
+        if self.config.min_distance:
             for k, (r, t) in enumerate(zip(rows, tok.tolist())):
                 floor = self._separating_floor(parsers[r], t, float(val[k]))
                 if floor is None:
                     continue
                 for _ in range(GEOMETRY_REDRAWS):
-                    redraw = float(self.model.sample_values(hidden[k:k + 1], tok[k:k + 1], self.temperature,
+                    redraw = float(self.model.sample_values(hidden[k:k + 1], tok[k:k + 1], self.config.temperature,
                                                             generator)[0])
                     if redraw >= floor:
                         val[k] = redraw
@@ -340,5 +523,24 @@ class Sampler:
         group = parser.group
         if SEPARABLE.get(group.crystal_system) != name or len(parser.lattice) != len(group.lattice_free) - 1:
             return None
-        floor = separating_length(group, parser.sites, {**parser.lattice, name: value}, name, self.min_distance)
+        floor = separating_length(group, parser.sites, {**parser.lattice, name: value}, name, self.config.min_distance)
         return None if floor is None or floor <= value else floor
+
+
+def _feed_prompt(parsers: list[SequenceParser],
+                 prefix: tuple[list[int], list[float]] | None) -> tuple[list[int], list[float]]:
+    """Feed every parser the given prefix and then the tokens the grammar forces (the same for every
+    row: one prompt, no padding); returns the prompt's ids and values."""
+    given_ids, given_values = (list(prefix[0]), list(prefix[1])) if prefix is not None else ([], [])
+    for p in parsers:
+        for t, v in zip(given_ids, given_values):
+            p.feed(int(t), v)
+    forced = forced_prefix(parsers[0])
+    for p in parsers[1:]:
+        for t in forced:
+            p.feed(t)
+    return given_ids + forced, given_values + [math.nan] * len(forced)
+
+
+def _passes_charge_check(charge_check: str, desc: WyckoffDescription) -> bool:
+    return passes_charge_check(description_composition(desc), charge_check)

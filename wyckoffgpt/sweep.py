@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write
-from .decode import DEFAULT_MIN_DISTANCE
 from .metrics import CDVAE_MIN_DISTANCE, ReferenceSet, SampleSetMetrics, sample_set_metrics
+from .sampling import FIELD_NAMES, SamplingConfig
 
 if TYPE_CHECKING:
     from .generation import CrystalGenerator, GeneratedCrystal
@@ -62,25 +62,28 @@ def check_temperatures(temperatures: Sequence[float]) -> list[float]:
     return out
 
 
-def run_sweep(gen: CrystalGenerator, temperatures: Sequence[float], n: int, reference: ReferenceSet | None,
-              seed: int | None = None, on_finished: Callable[[int], None] | None = None,
+def run_sweep(gen: CrystalGenerator, temperatures: Sequence[float], n: int, reference: ReferenceSet | None, *,
+              config: SamplingConfig | None = None, on_finished: Callable[[int], None] | None = None,
               on_point: Callable[[SweepPoint], None] | None = None, **generate_kwargs: Any) -> list[SweepPoint]:
-    """Sample `n` crystals at each temperature (in the order given, each with the same `seed`; None:
-    one random seed for all) and measure each set against `reference`. `generate_kwargs` go to
-    `CrystalGenerator.generate` (elements, ehull, spacegroup, charge_check, ...). `on_finished`
-    counts finished samples across the whole sweep; `on_point` receives each temperature's point as
-    soon as it is measured (e.g. to write its structures)."""
+    """Sample `n` crystals at each temperature (in the order given, each with the same seed; seed
+    None: one random seed for all) and measure each set against `reference`. `config` and the
+    keyword overrides of its fields (`seed=0`, `charge_check="off"`, ...) are the sampling
+    settings but the temperature; the other `generate_kwargs` go to `CrystalGenerator.generate`
+    (elements, ehull, spacegroup, formula, ...). `on_finished` counts finished samples across the
+    whole sweep; `on_point` receives each temperature's point as soon as it is measured (e.g. to
+    write its structures)."""
     temperatures = check_temperatures(temperatures)
-    seed = secrets.randbits(63) if seed is None else int(seed)
+    config = SamplingConfig.resolve(config, **{k: generate_kwargs.pop(k) for k in FIELD_NAMES if k in generate_kwargs})
+    if config.seed is None:
+        config = config.replace(seed=secrets.randbits(63))
     points = []
     for temperature in temperatures:
         t0 = time.perf_counter()
-        results = gen.generate(n, temperature=temperature, seed=seed, check_unique=False, on_finished=on_finished,
-                               **generate_kwargs)
+        results = gen.generate(n, config=config.replace(temperature=temperature), check_unique=False,
+                               on_finished=on_finished, **generate_kwargs)
         measured = sample_set_metrics(results, reference)
         flag_duplicates(results, measured)
-        point = SweepPoint(temperature, seed, generate_kwargs.get("min_distance", DEFAULT_MIN_DISTANCE), results,
-                           measured, time.perf_counter() - t0)
+        point = SweepPoint(temperature, config.seed, config.min_distance, results, measured, time.perf_counter() - t0)
         if on_point is not None:
             on_point(point)
         points.append(point)

@@ -1,8 +1,9 @@
 """Generation runs streamed to a folder in constant memory, resumable after a kill.
 
-    counts = write_run(generator, RunSettings(n=2000, elements=["Al", "Ca", "Cu"], ehull="low", seed=0), "out/")
+    settings = RunSettings(n=2000, elements=["Al", "Ca", "Cu"], ehull="low", sampling=SamplingConfig(seed=0))
+    counts = write_run(generator, settings, "out/")
 
-The folder holds `run.json` (the settings, written first), `summary.csv` (one row per sample, in
+The folder holds `run.json` (the settings, one key each, written first), `summary.csv` (one row per sample, in
 index order, flushed as it is made) and the structure files of the valid samples in shards,
 subfolders of at most SHARD_SIZE files (`0000/00012_CaAlCu_sg191.cif`). Memory holds only the
 duplicate index (`duplicates.DuplicateIndex`, grown one structure at a time) and counters.
@@ -28,16 +29,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pymatgen.core import Structure
 
 from .atomic import atomic_write
-from .decode import DEFAULT_MIN_DISTANCE, DEFAULT_SYMPREC
 from .duplicates import DuplicateIndex
-from .generation import DEFAULT_BATCH_SIZE, CrystalGenerator, GeneratedCrystal, check_sampling_arguments, finish_sample
-from .sampling import MAX_RETRIES
+from .generation import CrystalGenerator, GeneratedCrystal, finish_sample
+from .sampling import FIELD_NAMES, SamplingConfig, check_num_samples
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import Vocab
 
@@ -56,40 +56,49 @@ class RunError(ValueError):
 
 @dataclass
 class RunSettings:
-    """Everything that decides a run's samples (see `CrystalGenerator.generate` for each), and the
-    file format. `seed` None: drawn at the start and recorded in run.json."""
+    """Everything that decides a run's samples: how many (`n`), what (the conditions, see
+    `CrystalGenerator.generate`), how (`sampling`, a `SamplingConfig`), and the file format.
+    `sampling.seed` None: drawn at the start and recorded in run.json."""
 
     n: int
     elements: list[str] | None = None
     ehull: str | None = None
     spacegroup: int | None = None
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    min_distance: float = DEFAULT_MIN_DISTANCE  # Å
-    max_retries: int = MAX_RETRIES
-    charge_check: str = "ionic"
-    format: str = "cif"
-    model: str | None = None  # as given (folder or Hub id); recorded, not used here
     formula: str | None = None  # exact conditions: see CrystalGenerator.generate
     formula_units: list[int] | None = None
     wyckoff: str | None = None
     complete_sites: bool = False
     prompt: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    format: str = "cif"
+    model: str | None = None  # as given (folder or Hub id); recorded, not used here
 
     def __post_init__(self) -> None:
-        # The generator's own checks (InputError); the format is the writer's.
-        check_sampling_arguments(self.n, self.temperature, self.batch_size, self.top_p, self.min_distance,
-                                 self.max_retries, self.charge_check, self.seed)
+        # The generator's own checks (InputError; SamplingConfig checks itself); the format is the writer's.
+        check_num_samples(self.n)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
         if self.format not in FORMATS:
             raise RunError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.formula_units is not None:
             self.formula_units = [int(k) for k in self.formula_units]  # a list, as run.json records it
 
-    def exact_conditions(self) -> dict:
-        return {"formula": self.formula, "formula_units": self.formula_units, "wyckoff": self.wyckoff,
+    def conditions(self) -> dict:
+        """What to generate, as `CrystalGenerator.iter_batches` keywords."""
+        return {"elements": self.elements, "ehull": self.ehull, "spacegroup": self.spacegroup,
+                "formula": self.formula, "formula_units": self.formula_units, "wyckoff": self.wyckoff,
                 "complete_sites": self.complete_sites, "prompt": self.prompt}
+
+    def to_dict(self) -> dict:
+        """One key per setting (the sampling settings beside the others), as run.json holds them."""
+        return {"n": self.n, **self.conditions(), **self.sampling.to_dict(), "format": self.format, "model": self.model}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSettings:
+        """The settings `to_dict` gives (a sampling setting missing: its default)."""
+        data = dict(data)
+        sampling = SamplingConfig(**{k: data.pop(k) for k in FIELD_NAMES if k in data})
+        return cls(**data, sampling=sampling)
 
 
 @dataclass
@@ -191,17 +200,15 @@ class _Finisher:
     """Turns sampled sequences into summary rows and files, flagging duplicates as it goes (batches
     arrive in index order, so "earlier" means a lower index)."""
 
-    def __init__(self, vocab: Vocab, settings: RunSettings, out: Path, index: DuplicateIndex,
-                 symprec: float = DEFAULT_SYMPREC):
+    def __init__(self, vocab: Vocab, settings: RunSettings, out: Path, index: DuplicateIndex):
         self.tokenizer = CrystalTokenizer(vocab)
-        self.settings, self.out, self.index, self.symprec = settings, out, index, symprec
+        self.settings, self.out, self.index = settings, out, index
 
     def __call__(self, batch: list[tuple[int, CrystalSequence, int]]) -> list[dict]:
         s = self.settings
         rows = []
         for index, seq, retries in batch:
-            r = finish_sample(self.tokenizer, index, seq, retries, s.temperature, s.min_distance, self.symprec,
-                              s.charge_check)
+            r = finish_sample(self.tokenizer, index, seq, retries, s.sampling)
             file = write_structure(self.out, r, s.format)
             if file and self.index.add(r.structure, r.index) is not None:
                 r.flags.append("duplicate")
@@ -279,16 +286,16 @@ def _record_settings(out: Path, settings: RunSettings, resume: bool) -> RunSetti
     """Write run.json, or on resume check the settings against it (a recorded seed fills a missing one)."""
     path = out / SETTINGS_FILE
     if resume and path.exists():
-        recorded = RunSettings(**json.loads(path.read_text()))
-        given = asdict(settings)
+        recorded = RunSettings.from_dict(json.loads(path.read_text())).to_dict()
+        given = settings.to_dict()
         if given["seed"] is None:
-            given["seed"] = recorded.seed
-        differ = [k for k, v in given.items() if v != getattr(recorded, k)]
+            given["seed"] = recorded["seed"]
+        differ = [k for k, v in given.items() if v != recorded[k]]
         if differ:
             raise RunError(f"--resume: {differ[0]} differs from the run in {out} "
-                           f"({given[differ[0]]!r} vs {getattr(recorded, differ[0])!r})")
-        return recorded
-    atomic_write(path, json.dumps(asdict(settings), indent=1))
+                           f"({given[differ[0]]!r} vs {recorded[differ[0]]!r})")
+        return RunSettings.from_dict(recorded)
+    atomic_write(path, json.dumps(settings.to_dict(), indent=1))
     return settings
 
 
@@ -319,26 +326,25 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
     the environment torchrun sets); rank 0 returns the whole run's counts, the others their own."""
     out = Path(out)
     share = share or Share.from_env()
-    if share.world > 1 and (resume or settings.seed is None):
+    if share.world > 1 and (resume or settings.sampling.seed is None):
         raise RunError("a run made by several processes needs --seed (all draw from it) and cannot be resumed")
     out.mkdir(parents=True, exist_ok=True)
     held = [out / SUMMARY_FILE, out / share.part] + ([out / SETTINGS_FILE] if share.rank == 0 else [])
     if not resume and any(p.exists() for p in held):
         raise RunError(f"{out} already holds a run; resume it or choose another folder")
-    exact = settings.exact_conditions()
-    gen.prompt_prefix(exact["prompt"], gen.conditions(settings.elements, settings.ehull, settings.spacegroup,
-                                                      **{k: v for k, v in exact.items() if k != "prompt"}))
-    if settings.seed is None:
+    conditions = settings.conditions()
+    gen.prompt_prefix(settings.prompt, gen.conditions(**{k: v for k, v in conditions.items() if k != "prompt"}))
+    if settings.sampling.seed is None:
         import secrets
 
-        settings.seed = secrets.randbits(63)
+        settings.sampling = settings.sampling.replace(seed=secrets.randbits(63))
     if share.rank == 0:
         settings = _record_settings(out, settings, resume)
     writer = RunWriter(out, resume, gen.vocab, share.part)
-    s = settings
-    n_batches = -(-s.n // s.batch_size)
+    s, batch_size = settings, settings.sampling.batch_size
+    n_batches = -(-s.n // batch_size)
     todo = [b for b in range(share.rank, n_batches, share.world)
-            if any(i not in writer.done for i in range(b * s.batch_size, min((b + 1) * s.batch_size, s.n)))]
+            if any(i not in writer.done for i in range(b * batch_size, min((b + 1) * batch_size, s.n)))]
     if on_finished is not None and writer.done:
         on_finished(len(writer.done))
     finisher_args = (gen.vocab, s, out, writer.index)
@@ -347,9 +353,7 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
     try:
         pending: deque[Future | list] = deque()
         finish = _Finisher(*finisher_args) if pool is None else None
-        batches = gen.iter_batches(s.n, s.elements, s.ehull, s.spacegroup, s.temperature, s.seed, s.batch_size,
-                                   s.top_p, s.min_distance, on_finished, s.max_retries, s.charge_check, todo,
-                                   **exact)
+        batches = gen.iter_batches(s.n, config=s.sampling, batches=todo, on_finished=on_finished, **conditions)
         for batch in batches:
             batch = [item for item in batch if item[0] not in writer.done]
             pending.append(finish(batch) if pool is None else pool.submit(_finish_in_worker, batch))
@@ -362,7 +366,7 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
         writer.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    gen.last_seed = s.seed
+    gen.last_seed = s.sampling.seed
     if share.world == 1:
         return writer.counts
     atomic_write(out / f"{share.part}.done", "")

@@ -355,14 +355,16 @@ class WyckoffGPTModel(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         composition: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
     ) -> WyckoffGPTOutput:
         """`attention_mask` (B, past + T) marks real tokens with 1 (needed only for left padding or
         padding inside a cached prompt; right padding is harmless under causal attention).
         With `compute_loss`, targets are the next tokens and next values of `input_ids`/`input_values`;
         pad targets are ignored. `composition` (B, T, 2 * composition_slots + 2): the running
         composition after each token, required when `config.composition_slots` > 0. `cache` is the KV
-        cache (a `transformers.Cache`); `past_key_values` is its name before transformers 5.24."""
+        cache (a `transformers.Cache`); `past_key_values` is its name before transformers 5.24.
+        No catch-all keywords: a misspelt or foreign one (e.g. `labels=`; the loss is `compute_loss`)
+        is a TypeError naming it, not silently ignored. Nothing in transformers calls this with more:
+        the model has no `generate`, and `from_pretrained` runs no forward pass."""
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
