@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The sampling flags' defaults and choices are the library's (SamplingConfig), not typed again here.
     from wyckoffgpt.chemistry import CHARGE_CHECKS
     from wyckoffgpt.grammar import Limits
-    from wyckoffgpt.sampling import SamplingConfig
+    from wyckoffgpt.sampling import GUIDANCE_CONTRASTS, SamplingConfig
     from wyckoffgpt.writer import FORMATS
 
     default = SamplingConfig()
@@ -88,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{default.charge_check}): 'ionic': oxides, nitrides, chalcogenides and halides need a "
                         "charge-neutral set of oxidation states, intermetallics are left as drawn; 'smact': every composition must "
                         "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
+    p.add_argument("--guidance", type=float, default=default.guidance, metavar="W",
+                   help="classifier-free guidance of the stability token: tokens drawn from contrast + W x "
+                        f"(conditioned - contrast) (default {default.guidance}: off; > 1 pushes samples further "
+                        "toward their ehull class, at twice the model cost)")
+    p.add_argument("--guidance-contrast", choices=GUIDANCE_CONTRASTS, default=default.guidance_contrast,
+                   dest="guidance_contrast",
+                   help=f"--guidance: the contrast sequence's stability token (default {default.guidance_contrast}: "
+                        "the other class; 'unknown': ehull:unknown, for models trained with stability_dropout)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
     p.add_argument("--single-process", action="store_true", dest="single_process",

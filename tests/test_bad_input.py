@@ -23,6 +23,7 @@ CASES = [
     # generate.py: sampling settings
     (G, ["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (G, ["--top-p", "0"], "top_p must be in (0, 1]"),
+    (G, ["--guidance", "-2"], "guidance must be a finite number >= 0"),
     (G, ["--elements", "Al", "Al"], "element Al is given twice"),
     (G, ["--elements", "Al", "Xx"], "unknown element"),
     (G, ["--elements", "Og"], "not in the model's vocabulary"),

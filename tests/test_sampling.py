@@ -12,6 +12,7 @@ from random_model import save_random_model
 from wyckoffgpt.decode import check_structure, min_distance, to_structure
 from wyckoffgpt.duplicates import find_duplicates
 from wyckoffgpt.grammar import Conditions, DecodeError, Limits, SequenceParser, check_conditions, parse
+from wyckoffgpt.sampling import forced_prefix
 from wyckoffgpt.vocab import default_vocab
 
 VOCAB = default_vocab()
@@ -198,6 +199,8 @@ def test_a_sampling_config_and_keyword_overrides_give_the_same_samples(generator
     ({"max_retries": True}, "max_retries must be a non-negative integer"),
     ({"charge_check": "strict"}, "charge check must be one of ionic, smact, off"),
     ({"symprec": 0}, "symprec must be a finite number of Å > 0"),
+    ({"guidance": -1}, "guidance must be a finite number >= 0"),
+    ({"guidance_contrast": "none"}, "guidance contrast must be one of opposite, unknown"),
 ])
 def test_sampling_config_names_each_bad_setting(bad, message):
     from wyckoffgpt.sampling import SamplingConfig
@@ -362,3 +365,47 @@ def test_model_saved_in_half_precision_samples_in_float32(tmp_path):
     gen = CrystalGenerator.from_pretrained(folder, device="cpu")
     assert {p.dtype for p in gen.model.parameters()} == {torch.float32}
     assert all(r.structure is not None for r in gen.generate(8, seed=0, batch_size=8, check_unique=False))
+
+
+def test_guidance_is_off_at_one_and_the_cache_matches_recompute_under_guidance(generator):
+    from wyckoffgpt.sampling import Sampler
+
+    def texts(results):
+        return [str(r.sequence) for r in results]
+
+    plain = generator.generate(6, ehull="low", seed=4, batch_size=6, check_unique=False)
+    assert texts(generator.generate(6, ehull="low", seed=4, batch_size=6, guidance=1.0, check_unique=False)) == \
+        texts(plain)
+    guided = generator.generate(6, ehull="low", seed=4, batch_size=6, guidance=3.0, check_unique=False)
+    assert texts(guided) != texts(plain)
+    assert all(r.sequence.tokens[1] == "ehull:low" for r in guided)  # the contrast rows never leak out
+    runs = []
+    for use_cache in (True, False):
+        parsers = [SequenceParser(VOCAB, Limits(6, 40), Conditions("ehull:high")) for _ in range(8)]
+        runs.append(Sampler(generator.model, use_cache=use_cache, max_retries=2, charge_check="off",
+                            guidance=2.5, guidance_contrast="unknown").sample(
+            parsers, generator=torch.Generator().manual_seed(5)))
+    # Rows leave the batch and come back for retries: the contrast half of the cache must follow.
+    assert runs[0].retries == runs[1].retries
+    for ids_a, ids_b in zip(runs[0].ids, runs[1].ids):
+        assert np.array_equal(ids_a, ids_b)
+
+
+@pytest.mark.parametrize("contrast, other", [("opposite", "ehull:high"), ("unknown", "ehull:unknown")])
+def test_guided_logits_are_contrast_plus_w_times_the_difference(generator, contrast, other):
+    from wyckoffgpt.sampling import Sampler, _Rows, contrast_token_map
+
+    w = 2.5
+    sampler = Sampler(generator.model, guidance=w, guidance_contrast=contrast, charge_check="off")
+    parser = SequenceParser(VOCAB, Limits(), Conditions("ehull:low", ("Na", "Cl")))
+    prompt = forced_prefix(parser)
+    mapping = contrast_token_map(VOCAB.tokens, contrast)
+    rows = _Rows([list(prompt)], [[math.nan] * len(prompt)], [parser], [0], len(prompt), None, mapping)
+    live = sampler._open_round([0], rows)
+    guided, _, _ = sampler._forward(live, None, mapping)
+    swapped = torch.tensor([[VOCAB.tokens.index(other) if VOCAB.tokens[t] == "ehull:low" else t for t in prompt]])
+    with torch.no_grad():
+        cond = generator.model(live.ids, live.vals, composition=live.comp).logits[:, -1].float()
+        alt = generator.model(swapped, live.vals, composition=live.comp).logits[:, -1].float()
+    assert torch.allclose(guided, alt + w * (cond - alt), atol=1e-4)
+    assert not torch.allclose(cond, alt)  # the stability token matters to this (random) model

@@ -36,7 +36,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -56,8 +56,10 @@ from .decode import (
 from .descriptions import description_composition
 from .grammar import DecodeError, SequenceParser, WyckoffDescription
 from .structure_io import InputError
+from .vocab import STABILITY_TOKENS
 
 VALUE_REDRAWS = 4
+GUIDANCE_CONTRASTS = ("opposite", "unknown")
 GEOMETRY_REDRAWS = 8
 
 
@@ -111,6 +113,16 @@ class SamplingConfig:
     symprec: Å, > 0. Default 0.01 (the tolerance the tokenizer encodes with). spglib's tolerance
         when the filter compares a structure's space group with the one its sequence states
         ("spacegroup_mismatch"); does not change what is sampled.
+    guidance: weight w of classifier-free guidance on the stability token, >= 0, dimensionless.
+        Each token is drawn from `contrast + w * (conditioned - contrast)` of the two sequences'
+        logits, where the contrast sequence is the same one with another stability token (see
+        `guidance_contrast`); values are drawn from the conditioned sequence's value head. Default
+        1.0: off (the conditioned logits, one forward pass); > 1 pushes samples further toward the
+        class of their stability token (given with ehull, or drawn first), at twice the model cost.
+    guidance_contrast: "opposite" | "unknown". The stability token of the contrast sequence:
+        "opposite" (default) the other class (ehull:high for low and back), which any model knows;
+        "unknown": ehull:unknown, the unconditional model of a model trained with
+        `stability_dropout` > 0 (textbook classifier-free guidance).
     """
 
     temperature: float = 1.0
@@ -121,6 +133,8 @@ class SamplingConfig:
     max_retries: int = 4
     charge_check: str = "ionic"
     symprec: float = DEFAULT_SYMPREC
+    guidance: float = 1.0
+    guidance_contrast: str = "opposite"
 
     def __post_init__(self) -> None:
         # One message per setting; the first out of range is reported.
@@ -140,6 +154,15 @@ class SamplingConfig:
             raise InputError(f"charge check must be one of {', '.join(CHARGE_CHECKS)}, got {self.charge_check!r}")
         if not (_is_number(self.symprec) and 0 < self.symprec < math.inf):
             raise InputError(f"symprec must be a finite number of Å > 0, got {self.symprec}")
+        if not (_is_number(self.guidance) and 0 <= self.guidance < math.inf):
+            raise InputError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.guidance_contrast not in GUIDANCE_CONTRASTS:
+            raise InputError(f"guidance contrast must be one of {', '.join(GUIDANCE_CONTRASTS)}, "
+                             f"got {self.guidance_contrast!r}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
 
     def replace(self, **changes: object) -> SamplingConfig:
         """A copy with these fields changed, validated (TypeError naming an unknown field)."""
@@ -168,6 +191,15 @@ def check_num_samples(n: object) -> None:
     """InputError unless `n` (how many crystals to sample) is a positive integer."""
     if not _is_int(n) or n <= 0:
         raise InputError(f"number of samples must be a positive integer, got {n}")
+
+
+def contrast_token_map(vocab_tokens: Sequence[str], contrast: str) -> dict[int, int]:
+    """Stability token id -> the contrast sequence's stability token id (see SamplingConfig.guidance)."""
+    ids = {t: i for i, t in enumerate(vocab_tokens)}
+    low, high, unknown = (ids[STABILITY_TOKENS[k]] for k in ("low", "high", None))
+    if contrast == "opposite":
+        return {low: high, high: low}
+    return {low: unknown, high: unknown}
 
 
 @dataclass
@@ -246,6 +278,7 @@ class _Rows:
     retries: list[int]
     prompt_len: int
     max_new_tokens: int | None  # the length of every row when the grammar is off
+    contrast: dict[int, int] | None = None  # guidance: stability token -> the contrast sequence's
 
     def result(self, n_new_tokens: int) -> SampledBatch:
         return SampledBatch([np.array(i, dtype=np.int64) for i in self.ids],
@@ -288,6 +321,17 @@ class _Live:
             self.mask = self.mask[idx]
         if self.comp is not None:
             self.comp, self.step_comp = self.comp[idx], self.step_comp[idx]
+
+
+def _with_contrast_rows(ids: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None, comp: torch.Tensor | None,
+                        contrast: dict[int, int]) -> tuple[torch.Tensor, ...]:
+    """The model inputs with a contrast copy of every row appended: the same tokens, the stability
+    token swapped by `contrast` (guidance, see SamplingConfig)."""
+    other = ids.clone()
+    for token, replacement in contrast.items():
+        other[ids == token] = replacement
+    return (torch.cat([ids, other]), torch.cat([vals, vals]), None if mask is None else torch.cat([mask, mask]),
+            None if comp is None else torch.cat([comp, comp]))
 
 
 class Sampler:
@@ -335,8 +379,13 @@ class Sampler:
             raise ValueError("without parsers, give prompt, batch_size and max_new_tokens")
         else:
             prompt_values = [math.nan] * len(prompt)
+        contrast = None
+        if self.config.guided:
+            if parsers is None:
+                raise ValueError("guidance needs the grammar (parsers): it acts on the stability token")
+            contrast = contrast_token_map(parsers[0].vocab.tokens, self.config.guidance_contrast)
         rows = _Rows([list(prompt) for _ in range(batch_size)], [list(prompt_values) for _ in range(batch_size)],
-                     parsers, [0] * batch_size, len(prompt), max_new_tokens)
+                     parsers, [0] * batch_size, len(prompt), max_new_tokens, contrast)
         if parsers is not None and parsers[0].done:  # the prompt is a whole sequence
             return rows.result(0)
         pending, n_new = list(range(batch_size)), 0
@@ -353,7 +402,7 @@ class Sampler:
         resample and the number of tokens drawn."""
         live, cache, n_new, again = self._open_round(pending, rows), None, 0, []
         while len(live.rows):
-            logits, hidden, cache = self._forward(live, cache)
+            logits, hidden, cache = self._forward(live, cache, rows.contrast)
             live_rows = live.rows.tolist()
             tok, val = self._draw(logits, hidden, live_rows, rows.parsers, generator)
             n_new += len(live_rows)
@@ -366,9 +415,11 @@ class Sampler:
             if not keep.all():
                 # Finished rows leave the batch (and the cache) instead of being padded along.
                 idx = keep.nonzero().squeeze(1)
+                n_live = len(live.rows)
                 live.keep(idx)
                 if cache is not None and len(live.rows):
-                    cache.batch_select_indices(idx)
+                    # With guidance the cache holds the contrast rows after the live ones.
+                    cache.batch_select_indices(idx if rows.contrast is None else torch.cat([idx, idx + n_live]))
         return again, n_new
 
     def _open_round(self, pending: list[int], rows: _Rows) -> _Live:
@@ -400,15 +451,29 @@ class Sampler:
         config = self.model.config
         return getattr(config, "composition_slots", 0), getattr(config, "charge_feature", False)
 
-    def _forward(self, live: _Live, cache: object) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """The last position's logits and hidden state per live row, and the updated cache."""
+    def _forward(self, live: _Live, cache: object,
+                 contrast: dict[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """The last position's logits and hidden state per live row, and the updated cache. With
+        `contrast` (guidance) the contrast sequences run in the same batch, after the live rows, and
+        the logits are the guided ones."""
         if self.use_cache:
-            out = self.model(live.step_ids, live.step_vals, attention_mask=live.mask, cache=cache, use_cache=True,
-                             composition=live.step_comp)
+            inputs = (live.step_ids, live.step_vals, live.mask, live.step_comp)
+        else:
+            inputs = (live.ids, live.vals, live.mask, live.comp)
+        if contrast is not None:
+            inputs = _with_contrast_rows(*inputs, contrast)
+        ids, vals, mask, comp = inputs
+        if self.use_cache:
+            out = self.model(ids, vals, attention_mask=mask, cache=cache, use_cache=True, composition=comp)
             cache = out.cache
         else:
-            out = self.model(live.ids, live.vals, attention_mask=live.mask, composition=live.comp)
-        return out.logits[:, -1], out.last_hidden_state[:, -1], cache
+            out = self.model(ids, vals, attention_mask=mask, composition=comp)
+        logits, hidden = out.logits[:, -1], out.last_hidden_state[:, -1]
+        if contrast is not None:
+            n = len(live.rows)
+            conditioned, other = logits[:n].float(), logits[n:].float()
+            logits, hidden = other + self.config.guidance * (conditioned - other), hidden[:n]
+        return logits, hidden, cache
 
     def _draw(self, logits: torch.Tensor, hidden: torch.Tensor, live_rows: list[int],
               parsers: list[SequenceParser] | None,
