@@ -1,8 +1,10 @@
 """Does the stability token deliver? `--ehull low` against `high` and unconditioned, per chemical system.
 
     python benchmarks/conditioning.py [--model DIR] [--systems Al-Ca-Cu Ca-Mn-O Ce-In-Pd Ba-O-Ti]
-                                      [-n 50] [--temperature 1.0] [--guidance W] [--seed 0]
+                                      [-n 50] [--temperature 1.0] [--guidance W ...] [--seed 0]
                                       [--workers 2] [--log conditioning.jsonl] [--out conditioning.json]
+
+    python benchmarks/conditioning.py --systems Al-Ca-Cu -n 20 --guidance 1 3   # guidance against none
 
 For each chemical system, n samples per stability class (`low`, `high`, and `none`: the model picks
 the class itself) are drawn with that system's elements, relaxed with CHGNet and scored against the
@@ -27,18 +29,28 @@ from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex
 from wyckoffgpt.generation import CrystalGenerator, resolve_model_path
 from wyckoffgpt.sampling import SamplingConfig
 
-CLASSES = ("low", "high", "none")
 SYSTEMS = ("Al-Ca-Cu", "Ca-Mn-O", "Ce-In-Pd", "Ba-O-Ti")
 
 
-def verdicts(report: dict, systems: list[str]) -> dict[str, dict]:
-    """Per system: low's median below high's, and low's within-0.1 share >= 1.5x high's."""
+def arm_name(system: str, ehull: str, w: float) -> str:
+    return f"{system}/{ehull}" if w == 1 else f"{system}/{ehull}/w{w:g}"
+
+
+def arms(system: str, weights: list[float]) -> list[tuple[str, str | None, float | None]]:
+    """(name, ehull, guidance) of one system's arms: low and high at each guidance weight, and none
+    (the model draws the class; guidance does not apply)."""
+    out = [(arm_name(system, c, w), c, w) for w in weights for c in ("low", "high")]
+    return out + [(f"{system}/none", None, None)]
+
+
+def verdicts(report: dict, systems: list[str], weights: list[float]) -> dict[str, dict]:
+    """Per system and guidance weight: low's median below high's, and low's within-0.1 share >= 1.5x high's."""
     out = {}
-    for system in systems:
-        low, high = (report["conditions"][f"{system}/{c}"] for c in ("low", "high"))
+    for system, w in ((s, w) for s in systems for w in weights):
+        low, high = (report["conditions"][arm_name(system, c, w)] for c in ("low", "high"))
         m_low, m_high = low["median_e_above_hull"], high["median_e_above_hull"]
         s_low, s_high = low["within_0.1_of_scored"], high["within_0.1_of_scored"]
-        out[system] = {"lower_median": None if m_low is None or m_high is None else m_low < m_high,
+        out[arm_name(system, "low/high", w)] = {"lower_median": None if m_low is None or m_high is None else m_low < m_high,
                        "share_ratio": None if not s_high or s_low is None else s_low / s_high,
                        "share_1.5x": None if s_low is None or s_high is None else s_low >= 1.5 * s_high}
     return out
@@ -50,7 +62,9 @@ def main() -> None:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), help="chemical systems, elements joined by '-'")
     p.add_argument("-n", type=int, default=50, help="samples per system and class")
     p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight of the stability token")
+    p.add_argument("--guidance", type=float, nargs="+", default=[SamplingConfig.guidance], metavar="W",
+                   help="classifier-free guidance weights of the stability token (SamplingConfig.guidance): "
+                        "low and high are drawn at each (default: 1, off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--fmax", type=float, default=0.1)
@@ -68,20 +82,19 @@ def main() -> None:
     index = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
     config = stability.RelaxConfig(fmax=args.fmax, max_steps=args.max_steps)
     refs = stability.default_references(args.data, config)
-    conditions = [screening.Condition(f"{system}/{c}", tuple(system.split("-")), None if c == "none" else c,
-                                      args.guidance if c != "none" else None)
-                  for system in args.systems for c in CLASSES]
+    conditions = [screening.Condition(name, tuple(system.split("-")), ehull, w)
+                  for system in args.systems for name, ehull, w in arms(system, args.guidance)]
     report = {"benchmark": "conditioning", "date": time.strftime("%Y-%m-%d"),
               "model": str(resolve_model_path(args.model)), "systems": args.systems, "n_asked": args.n,
               "temperature": args.temperature, "guidance": args.guidance, "seed": args.seed, "fmax": args.fmax,
               "max_steps": args.max_steps, "workers": args.workers, "chgnet": stability.chgnet_version(),
               **screening.run(gen, conditions, args.n, args.temperature, args.seed, refs, config, args.workers,
                               args.log, index)}
-    report["verdicts"] = verdicts(report, args.systems)
+    report["verdicts"] = verdicts(report, args.systems, args.guidance)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(screening.table(report))
     print()
-    print("| system | low median < high median | within-0.1 share low / high | >= 1.5x |")
+    print("| system / guidance | low median < high median | within-0.1 share low / high | >= 1.5x |")
     print("| --- | --- | --- | --- |")
     for system, v in report["verdicts"].items():
         ratio = "" if v["share_ratio"] is None else f"{v['share_ratio']:.2f}"
