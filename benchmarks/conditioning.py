@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--data", type=Path, help="Materials Project CSV of the hull (default: data/mp_structures.csv.gz)")
     p.add_argument("--log", type=Path, help="JSONL of finished relaxations; a rerun with the same settings resumes")
+    p.add_argument("--report-only", action="store_true", help="relax nothing: report on what --log holds")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     warnings.simplefilter("ignore")
@@ -89,7 +90,7 @@ def main() -> None:
               "temperature": args.temperature, "guidance": args.guidance, "seed": args.seed, "fmax": args.fmax,
               "max_steps": args.max_steps, "workers": args.workers, "chgnet": stability.chgnet_version(),
               **screening.run(gen, conditions, args.n, args.temperature, args.seed, refs, config, args.workers,
-                              args.log, index)}
+                              args.log, index, args.report_only)}
     report["verdicts"] = verdicts(report, args.systems, args.guidance)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(screening.table(report))

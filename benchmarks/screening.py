@@ -141,15 +141,19 @@ def summarise(name: str, samples: list[GeneratedCrystal], records: dict[tuple[st
 
 def run(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, temperature: float, seed: int,
         refs: stability.ElementalReferences, config: stability.RelaxConfig, workers: int, log: Path | None,
-        index: FingerprintIndex | None) -> dict:
-    """Draw, relax (resumably) and summarise every condition: {"k": ..., "conditions": {name: figures}}."""
+        index: FingerprintIndex | None, report_only: bool = False) -> dict:
+    """Draw, relax (resumably) and summarise every condition: {"k": ..., "conditions": {name: figures}}.
+    `report_only`: relax nothing, summarise what `log` holds (a run stopped on purpose)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     samples = draw(gen, conditions, n, temperature, seed)
     t1 = time.perf_counter()
-    with tqdm(desc="relaxing", file=sys.stderr) as bar:
-        records = relax_interleaved(samples, refs, config, workers, log, bar)
+    if report_only:
+        records = _read_log(log)
+    else:
+        with tqdm(desc="relaxing", file=sys.stderr) as bar:
+            records = relax_interleaved(samples, refs, config, workers, log, bar)
     t2 = time.perf_counter()
     k = complete_prefix(samples, records)
     return {"k": k, "seconds_sampling": round(t1 - t0, 1), "seconds_relaxing_this_run": round(t2 - t1, 1),
