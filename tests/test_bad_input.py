@@ -90,7 +90,7 @@ CASES = [
     (T, ["--freeze-blocks", "-1"], "freeze_blocks must be >= 0"),
     (T, ["--stability-dropout", "1.5"], "stability_dropout must be in [0, 1]"),
     (T, ["--model-overrides", "dropout=0.1"], "expected a JSON object"),
-    (T, ["--model-overrides", '{"dropot": 0.1}'], "unknown model setting(s): dropot"),
+    (T, ["--model-overrides", '{{"dropot": 0.1}}'], "unknown model setting(s): dropot"),
     (T, ["--freeze-blocks", "1"], "freeze_blocks needs init_from"),
     (T, ["--data", "{out}-no-such-data"], "does not exist"),
     (T, ["--out", "{file}/out"], "cannot write to --out"),
