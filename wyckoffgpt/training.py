@@ -692,32 +692,15 @@ def _setup(cfg: TrainConfig) -> _Run:
     """Data, resume point, settings in force, model, optimizer and schedule, then the opening line."""
     meta, train_set, val_set = _load_data(cfg)
     out = Path(cfg.out_dir)
-    checkpoints = _checkpoints(out)
-    if checkpoints and not cfg.resume:
-        raise _fail(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
-    resume_state, resume_config = _read_checkpoint(checkpoints[-1]) if cfg.resume and checkpoints else (None, None)
+    checkpoint, resume_state, resume_config = _resume_point(cfg, out)
     config = _model_config(cfg, meta, resume_config)
     features = input_features(config, meta["vocab_hash"])
     stability = stability_dropout(cfg, meta["vocab_hash"], len(train_set))
-    if meta.get("max_length", 0) > config.max_position_embeddings:
-        raise _fail(
-            f"dataset sequences reach {meta['max_length']} tokens, more than the model's "
-            f"max_position_embeddings {config.max_position_embeddings}"
-        )
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise _fail("fp16 mixed precision needs a GPU; use bf16 on CPU")
+    _check_fits(cfg, meta, config)
 
     acc = _accelerator(cfg)
     cfg = _settings_in_force(cfg, acc.device)
-    lengths = train_set.lengths()
-    batches = EpochBatches(lengths, cfg.batch_size, cfg.grad_accum_steps, acc.num_processes, acc.process_index,
-                           cfg.seed, bucket=cfg.length_buckets)  # fmt: skip
-    if batches.steps_per_epoch == 0:
-        need = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
-        raise _fail(
-            f"train split has {len(train_set)} sequences, fewer than one optimizer step uses (batch_size "
-            f"{cfg.batch_size} x grad_accum {cfg.grad_accum_steps} x processes {acc.num_processes} = {need})"
-        )
+    batches = _epoch_batches(cfg, acc, train_set)
     total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": None, "best_val_parts": None, "bad_evals": 0,
              "layout": _layout(cfg, acc), "total_steps": total_steps}  # fmt: skip
@@ -726,26 +709,13 @@ def _setup(cfg: TrainConfig) -> _Run:
     model, n_params, frozen = _model(cfg, config, fresh=resume_state is None)
     optimizer, scheduler = _optimizer(cfg, model, total_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    if resume_state is not None:
-        try:
-            acc.load_state(str(checkpoints[-1]))
-        except Exception as e:  # accelerate raises many kinds for truncated or foreign files
-            raise _fail(f"checkpoint {checkpoints[-1]} is corrupt: {type(e).__name__}: {e}") from None
-        state.update(resume_state)
+    if checkpoint is not None:
+        _restore(acc, checkpoint, state, resume_state)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / "train_log.csv", state["step"])
-
-    acc.print(
-        f"model {n_params:,} params, {len(train_set)} train seqs, {batches.steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps, batch {cfg.batch_size}x{cfg.grad_accum_steps}x{acc.num_processes} in "
-        f"{cfg.length_sorted_pieces} length-sorted piece(s), lr {cfg.max_lr:g}, weight decay {cfg.weight_decay:g}, "
-        f"precision {cfg.mixed_precision}"
-        + (f", from {cfg.init_from}" if cfg.init_from else "")
-        + (f", {frozen:,} params frozen" if frozen else "")
-        + (f", stability dropout {cfg.stability_dropout:g}" if cfg.stability_dropout else "")
-        + (f", resumed at step {state['step']}" if resume_state else "")
-    )
+    acc.print(_opening_line(cfg, acc, len(train_set), batches, total_steps, n_params, frozen,
+                            state["step"] if checkpoint else None))  # fmt: skip
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (cfg.progress and acc.is_main_process),
                dynamic_ncols=True)  # fmt: skip
     return _Run(
@@ -753,7 +723,7 @@ def _setup(cfg: TrainConfig) -> _Run:
         features=features, batches=batches, stability=stability, total_steps=total_steps,
         # The summed loss of a step is divided by this constant, so that every target token weighs the
         # same (see length_buckets for what else that needs).
-        targets_per_step=float(np.mean(lengths - 1)) * cfg.batch_size * batches.micro_per_step,
+        targets_per_step=float(np.mean(batches.lengths - 1)) * cfg.batch_size * batches.micro_per_step,
         model=model, optimizer=optimizer, scheduler=scheduler, n_params=n_params, state=state,
         log=_Logger(acc, out / "train_log.csv", bar),
     )  # fmt: skip
@@ -769,6 +739,26 @@ def _load_data(cfg: TrainConfig) -> tuple[dict[str, Any], SequenceDataset, Seque
     if len(train_set) == 0:
         raise _fail(f"dataset {cfg.data_dir} has an empty train split")
     return meta, train_set, val_set
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict[str, Any] | None, WyckoffGPTConfig | None]:
+    """The checkpoint to resume from, its trainer state and model config (all None for a fresh run)."""
+    checkpoints = _checkpoints(out)
+    if checkpoints and not cfg.resume:
+        raise _fail(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
+    if not (cfg.resume and checkpoints):
+        return None, None, None
+    return checkpoints[-1], *_read_checkpoint(checkpoints[-1])
+
+
+def _check_fits(cfg: TrainConfig, meta: dict[str, Any], config: WyckoffGPTConfig) -> None:
+    if meta.get("max_length", 0) > config.max_position_embeddings:
+        raise _fail(
+            f"dataset sequences reach {meta['max_length']} tokens, more than the model's "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise _fail("fp16 mixed precision needs a GPU; use bf16 on CPU")
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
@@ -798,6 +788,18 @@ def _settings_in_force(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         weight_decay=preset["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay,
         length_sorted_pieces=cfg.length_sorted_pieces or (1 if device.type == "cuda" else 4),
     )
+
+
+def _epoch_batches(cfg: TrainConfig, acc: Accelerator, train_set: SequenceDataset) -> EpochBatches:
+    batches = EpochBatches(train_set.lengths(), cfg.batch_size, cfg.grad_accum_steps, acc.num_processes,
+                           acc.process_index, cfg.seed, bucket=cfg.length_buckets)  # fmt: skip
+    if batches.steps_per_epoch == 0:
+        need = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
+        raise _fail(
+            f"train split has {len(train_set)} sequences, fewer than one optimizer step uses (batch_size "
+            f"{cfg.batch_size} x grad_accum {cfg.grad_accum_steps} x processes {acc.num_processes} = {need})"
+        )
+    return batches
 
 
 def _layout(cfg: TrainConfig, acc: Accelerator) -> dict[str, Any]:
@@ -839,6 +841,29 @@ def _optimizer(cfg: TrainConfig, model: WyckoffGPTModel, total_steps: int):
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup_frac, cfg.final_lr_frac))
     return optimizer, scheduler
+
+
+def _restore(acc: Accelerator, checkpoint: Path, state: dict[str, Any], resume_state: dict[str, Any]) -> None:
+    """Weights, optimizer, schedule and RNG states from `checkpoint`; the position into `state`."""
+    try:
+        acc.load_state(str(checkpoint))
+    except Exception as e:  # accelerate raises many kinds for truncated or foreign files
+        raise _fail(f"checkpoint {checkpoint} is corrupt: {type(e).__name__}: {e}") from None
+    state.update(resume_state)
+
+
+def _opening_line(cfg: TrainConfig, acc: Accelerator, n_train: int, batches: EpochBatches, total_steps: int,
+                  n_params: int, frozen: int, resumed_at: int | None) -> str:
+    return (
+        f"model {n_params:,} params, {n_train} train seqs, {batches.steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps, batch {cfg.batch_size}x{cfg.grad_accum_steps}x{acc.num_processes} in "
+        f"{cfg.length_sorted_pieces} length-sorted piece(s), lr {cfg.max_lr:g}, weight decay {cfg.weight_decay:g}, "
+        f"precision {cfg.mixed_precision}"
+        + (f", from {cfg.init_from}" if cfg.init_from else "")
+        + (f", {frozen:,} params frozen" if frozen else "")
+        + (f", stability dropout {cfg.stability_dropout:g}" if cfg.stability_dropout else "")
+        + (f", resumed at step {resumed_at}" if resumed_at is not None else "")
+    )
 
 
 # -- the step
