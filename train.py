@@ -7,15 +7,23 @@
 Several processes (one model, one DDP group):
     torchrun --nproc_per_node 2 train.py ...
     accelerate launch --multi_gpu --num_processes 2 train.py ...
-Settings come from the YAML file (keys of wyckoffgpt.training.TrainConfig), then from the flags.
+Settings come from the YAML file (keys of wyckoffgpt.training.TrainConfig), then from the flags: one
+flag per TrainConfig field, generated from the field and its documentation.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import shlex
 import sys
+import types
+import typing
 from typing import Any
+
+from wyckoffgpt.training import TrainConfig, TrainingError, train, train_config_from_dict
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,35 +32,57 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"dropout\": 0.1}}', got {text!r}")
+    return value
+
+
+def _flag_options(hint: Any) -> dict[str, Any]:
+    """argparse options for a TrainConfig annotation: None is never typed on the command line (a flag
+    left out keeps the YAML's or the field's value), a path is a string."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None) and a is not os.PathLike]
+        (hint,) = args
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is tuple:
+        (item, *_) = typing.get_args(hint)
+        return {"type": item, "nargs": len(typing.get_args(hint))}
+    if typing.get_origin(hint) is dict:
+        return {"type": _json_object, "metavar": "JSON"}
+    return {"type": hint}
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "required, here or in --config"
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return "default: " + (" ".join(map(str, value)) if isinstance(value, tuple) else json.dumps(value)
+                          if isinstance(value, dict) else str(value))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of the dataclass `config_class` (--field-name, plus the field's own short
+    flags), with its help text and default; a flag left out is None, so it overrides nothing."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        options = _flag_options(hints[f.name])
+        if f.metadata.get("choices"):
+            options["choices"] = f.metadata["choices"]
+        help_text = f"{f.metadata.get('help', '')} ({_default_text(f)})".replace("%", "%%")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", ()), dest=f.name,
+                            default=None, help=help_text, **options)  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", help="tokenized dataset folder (meta.json + arrays)")
-    p.add_argument("--out", help="output folder for checkpoints, logs and the final model")
-    p.add_argument("--config", help="YAML file with training settings (TrainConfig keys)")
-    p.add_argument("--model-preset", dest="model_preset", help="tiny | small | paper")
-    p.add_argument("--init-from", dest="init_from", metavar="MODEL",
-                   help="fine-tune: start from a saved model folder, a Hub repo id or 'bundled' (the packaged "
-                        "model); unset settings then take the fine-tuning defaults (TrainConfig)")
-    p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int, metavar="K",
-                   help="with --init-from: freeze the input embeddings and the first K transformer blocks")
-    p.add_argument("--max-steps", dest="max_steps", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per micro-batch and process")
-    p.add_argument("--grad-accum", dest="grad_accum_steps", type=int)
-    p.add_argument("--lr", dest="max_lr", type=float, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--length-sorted-pieces", dest="length_sorted_pieces", type=int,
-                   help="run each micro-batch as this many pieces of similar length (same gradient, less "
-                        "padding); default 4 on CPU, 1 on GPU")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", dest="eval_every", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--save-every", dest="save_every", type=int)
-    p.add_argument("--log-every", dest="log_every", type=int)
-    p.add_argument("--stop-at-step", dest="stop_at_step", type=int, help="stop with a checkpoint after this step")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
-    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--config", help="YAML file with training settings (TrainConfig keys); flags override it")
+    add_config_flags(p, TrainConfig)
     return p.parse_args(argv)
 
 
@@ -69,24 +99,18 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {args.config} must hold a mapping of settings")
         values.update(loaded)
-    renames = {"data": "data_dir", "out": "out_dir"}
-    for key, value in vars(args).items():
-        if key != "config" and value is not None:
-            values[renames.get(key, key)] = value
+    values.update({key: value for key, value in vars(args).items() if key != "config" and value is not None})
     for required, flag in (("data_dir", "--data"), ("out_dir", "--out")):
         if not values.get(required):
             raise ValueError(f"{flag} is required (or {required} in --config)")
-    values["command"] = "python " + shlex.join(sys.argv)
+    values.setdefault("command", "python " + shlex.join(sys.argv))
     return values
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Import after argument parsing so --help stays fast.
     import torch
     from accelerate import PartialState
-
-    from wyckoffgpt.training import TrainingError, train, train_config_from_dict
 
     # Joining the process group here (the Accelerator created by train() reuses it) reports the real
     # world size, not what the launcher asked for. cpu=True on GPU-less machines: see training.py.

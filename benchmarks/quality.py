@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shlex
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def _token_classes(vocab) -> tuple[np.ndarray, list[str]]:
 def validation_nll(gen: CrystalGenerator, data_dir: str, batch_size: int = 64) -> dict:
     from wyckoffgpt.composition import feature_function
     from wyckoffgpt.data import SequenceDataset, collate
+    from wyckoffgpt.training import LossSums
 
     model, vocab = gen.model, gen.vocab
     ds = SequenceDataset(data_dir, "val")
@@ -112,14 +114,13 @@ def validation_nll(gen: CrystalGenerator, data_dir: str, batch_size: int = 64) -
     table, names = _token_classes(vocab)
     table = torch.from_numpy(table)
     features = feature_function(vocab, getattr(model.config, "composition_slots", 0))
-    sums = torch.zeros(9, dtype=torch.float64)
+    sums = LossSums.zeros(dtype=torch.float64)
     class_sum = torch.zeros(len(names), dtype=torch.float64)
     class_n = torch.zeros(len(names), dtype=torch.float64)
     for lo in range(0, len(ds), batch_size):
         batch = collate([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))], vocab.pad_id, features)
         out = model(**{k: v.to(gen.device) for k, v in batch.items()}, compute_loss=True)
-        sums += torch.stack([out.loss_sum, out.token_loss_sum, out.coord_loss_sum, out.length_loss_sum,
-                             out.angle_loss_sum, out.n_tokens, out.n_coord, out.n_length, out.n_angle]).double().cpu()
+        sums = sums + LossSums.of(out, torch.float64).to("cpu")
         target = batch["input_ids"][:, 1:]
         logits = out.logits[:, :-1].float().cpu()
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
@@ -127,13 +128,11 @@ def validation_nll(gen: CrystalGenerator, data_dir: str, batch_size: int = 64) -
         cls = table[target][real]
         class_sum += torch.zeros(len(names), dtype=torch.float64).index_add_(0, cls, ce[real].double())
         class_n += torch.bincount(cls, minlength=len(names)).double()
-    s = sums.tolist()
-    ratio = lambda a, b: a / b if b else None  # noqa: E731  (a split without angles has no angle loss)
+    means = {k: None if math.isnan(v) else v for k, v in sums.means().items()}  # a split without angles has none
     value = "nll" if model.config.continuous_head == "mixture" else "mse"
     return {
-        "split": "val", "sequences": len(ds), "value_loss": value,
-        "loss": ratio(s[0], s[5]), "token_ce": ratio(s[1], s[5]),
-        f"coord_{value}": ratio(s[2], s[6]), f"length_{value}": ratio(s[3], s[7]), f"angle_{value}": ratio(s[4], s[8]),
+        "split": "val", "sequences": len(ds), "value_loss": value, "loss": means["loss"], "token_ce": means["token"],
+        f"coord_{value}": means["coord"], f"length_{value}": means["length"], f"angle_{value}": means["angle"],
         "token_ce_by_class": {n: class_sum[k].item() / class_n[k].item() for k, n in enumerate(names) if class_n[k]},
     }
 

@@ -19,8 +19,9 @@ import time
 import torch
 
 from wyckoffgpt.composition import feature_size
-from wyckoffgpt.configuration_wyckoffgpt import PRESET_TRAINING, WyckoffGPTConfig
+from wyckoffgpt.configuration_wyckoffgpt import WyckoffGPTConfig
 from wyckoffgpt.modeling_wyckoffgpt import WyckoffGPTModel
+from wyckoffgpt.training import PRESET_TRAINING
 
 
 def vocab_fields() -> dict:

@@ -224,17 +224,26 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and "does not exist" in lines[0]
 
 
-def test_training_and_model_loading_need_no_structure_libraries():
+def test_training_and_model_loading_need_no_structure_libraries(tmp_path):
     # A GPU box or a training job needs torch and transformers only; pymatgen/spglib come with generation.
+    # A model that reads the charge feature too (SMACT, so pymatgen's Composition, once it computes
+    # one), and the tokenizer files a trained model is exported with.
     code = ("import sys, wyckoffgpt, wyckoffgpt.training\n"
+            "from wyckoffgpt.configuration_wyckoffgpt import WyckoffGPTConfig\n"
+            "from wyckoffgpt.training import _export_tokenizer, input_features\n"
             "from wyckoffgpt.vocab import default_vocab\n"
             "from wyckoffgpt.composition import feature_function\n"
-            "feature_function(default_vocab(), 8)\n"
+            "vocab = default_vocab()\n"
+            "feature_function(vocab, 8)\n"
+            "config = WyckoffGPTConfig(composition_slots=8, charge_feature=True, **vocab.model_fields())\n"
+            "assert input_features(config, vocab.hash) is not None\n"
+            f"_export_tokenizer(__import__('pathlib').Path({str(tmp_path)!r}), vocab.hash)\n"
             "print(sorted(m for m in ('pymatgen', 'spglib', 'pyxtal', 'smact') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+    assert {"tokenizer.json", "wyckoff_tables.json"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_epoch_batches_cover_each_sequence_once_and_group_lengths():
@@ -280,3 +289,132 @@ def test_short_and_long_crystals_weigh_the_same_per_token(tmp_path):
     with torch.no_grad():
         p = torch.softmax(model(torch.tensor([[BOS]])).logits[0, -1], -1)
     assert float(p[3] / (p[3] + p[4])) == pytest.approx(0.5, abs=0.05)
+
+
+# -- the loss record ------------------------------------------------------------------------------
+
+
+def test_logged_losses_are_per_token_over_the_whole_window(dataset):
+    """Sums of two half batches give the whole batch's per-token losses (not a mean of two means)."""
+    from wyckoffgpt import WyckoffGPTConfig, WyckoffGPTModel
+    from wyckoffgpt.training import LossSums
+
+    torch.manual_seed(0)
+    model = WyckoffGPTModel(WyckoffGPTConfig.from_preset("tiny", **VOCAB)).eval()
+    ds = SequenceDataset(dataset, "train")
+    rows = [ds[i] for i in range(8)]
+    with torch.no_grad():
+        whole = LossSums.of(model(**collate(rows, PAD), compute_loss=True))
+        halves = [LossSums.of(model(**collate(part, PAD), compute_loss=True)) for part in (rows[:3], rows[3:])]
+    summed = (LossSums.zeros() + halves[0] + halves[1]).means()
+    assert summed == pytest.approx(whole.means(), rel=1e-5)
+    assert summed["loss"] == pytest.approx(float(whole.loss / whole.tokens), rel=1e-6)
+    assert float(whole.tokens) == sum(len(ids) - 1 for ids, _ in rows)
+
+
+# -- stability dropout ----------------------------------------------------------------------------
+
+
+def _stability_dataset(path: Path, n: int) -> tuple[Path, dict[str, int]]:
+    """Rows of the real vocabulary, each stating a stability (ehull:low or ehull:high)."""
+    from wyckoffgpt.vocab import STABILITY_TOKENS, default_vocab
+
+    vocab = default_vocab()
+    ids = {level: vocab.token_to_id[token] for level, token in STABILITY_TOKENS.items()}
+    t = vocab.token_to_id
+    rows = []
+    for i in range(n):
+        seq = [t["<bos>"], ids["low" if i % 2 else "high"], t["n:1"], t["Na" if i % 3 else "Cl"], t["sg:225"], t["<eos>"]]
+        rows.append((np.array(seq), np.full(len(seq), np.nan, dtype=np.float32)))
+    write_dataset(path, {"train": rows}, vocab.model_fields())
+    return path, ids
+
+
+def _drawn_rows(monkeypatch, cfg: TrainConfig) -> torch.Tensor:
+    """Every training row train() collates, in order."""
+    import wyckoffgpt.training as training
+
+    drawn = []
+
+    def recording_collate(batch, *args, **kwargs):
+        drawn.extend(ids for ids, _ in batch)
+        return collate(batch, *args, **kwargs)
+
+    monkeypatch.setattr(training, "collate", recording_collate)
+    train(cfg)
+    return torch.stack(drawn)
+
+
+def test_stability_dropout_replaces_the_stability_token_at_its_rate(tmp_path, monkeypatch):
+    data, ids = _stability_dataset(tmp_path / "data", 128)
+    run = dict(batch_size=32, max_steps=16, eval_every=0, log_every=8)  # 4 epochs, 512 rows drawn
+    drawn = _drawn_rows(monkeypatch, quick(data, tmp_path / "p", stability_dropout=0.3, **run))
+    assert drawn.shape == (512, 6)
+    unknown = drawn[:, 1] == ids[None]
+    assert unknown.float().mean().item() == pytest.approx(0.3, abs=0.06)
+    # Only the stability token changes, and the others stay as the data state them.
+    assert set(drawn[~unknown, 1].tolist()) == {ids["low"], ids["high"]}
+    assert (drawn[:, 2:] != ids[None]).all()
+    # Seeded: the same run draws the same rows; the default draws every row as it is.
+    again = _drawn_rows(monkeypatch, quick(data, tmp_path / "p2", stability_dropout=0.3, **run))
+    assert torch.equal(drawn, again)
+    plain = _drawn_rows(monkeypatch, quick(data, tmp_path / "off", **run))
+    assert not (plain[:, 1] == ids[None]).any()
+
+
+def test_stability_dropout_draws_each_row_anew_each_epoch_whatever_the_layout():
+    from wyckoffgpt.training import StabilityDropout
+
+    a = StabilityDropout(0.25, seed=0, n_rows=20_000, known_ids=[13, 14], unknown_id=15)
+    b = StabilityDropout(0.25, seed=0, n_rows=20_000, known_ids=[13, 14], unknown_id=15)
+    assert a.dropped(0).mean() == pytest.approx(0.25, abs=0.01)
+    assert np.array_equal(a.dropped(3), b.dropped(3))  # a function of (seed, epoch, row): resume-safe
+    assert not np.array_equal(a.dropped(0), a.dropped(1))
+    row = (torch.tensor([1, 13, 20, 2]), torch.full((4,), float("nan")))
+    i = int(np.flatnonzero(a.dropped(0))[0])
+    assert a.apply(0, i, row)[0].tolist() == [1, 15, 20, 2]
+    j = int(np.flatnonzero(~a.dropped(0))[0])
+    assert a.apply(0, j, row)[0] is row[0]
+
+
+def test_stability_dropout_needs_the_vocabulary(dataset, tmp_path):
+    with pytest.raises(TrainingError, match="stability_dropout needs the vocabulary"):
+        train(quick(dataset, tmp_path / "o", stability_dropout=0.1))
+    with pytest.raises(TrainingError, match=r"stability_dropout must be in \[0, 1\]"):
+        train(quick(dataset, tmp_path / "o", stability_dropout=1.5))
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_train_help_lists_every_config_field(capsys):
+    from dataclasses import fields
+
+    from scripts import load_script
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("train.py").main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+        assert f.metadata["help"] and " ".join(f.metadata["help"].split()[:4]) in text, f.name
+
+
+def test_every_setting_is_settable_from_flags_over_the_yaml(tmp_path):
+    from scripts import load_script
+
+    from wyckoffgpt.training import train_config_from_dict
+
+    cli = load_script("train.py")
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 3\ngrad_clip: 0.5\nweight_decay: 0.01\n")
+    args = cli.parse_args(["--config", str(config), "--data", "d", "--out", "o", "--grad-clip", "2",
+                           "--warmup-frac", "0.1", "--length-buckets", "--betas", "0.8", "0.95",
+                           "--model-overrides", '{"dropout": 0.1}', "--no-progress", "--stability-dropout", "0.2",
+                           "--lr", "3e-4"])  # fmt: skip
+    cfg = train_config_from_dict(cli.settings(args))
+    assert (cfg.data_dir, cfg.out_dir, cfg.epochs, cfg.weight_decay) == ("d", "o", 3, 0.01)  # from the YAML
+    assert (cfg.grad_clip, cfg.warmup_frac, cfg.length_buckets, cfg.betas) == (2.0, 0.1, True, (0.8, 0.95))
+    assert (cfg.model_overrides, cfg.progress, cfg.stability_dropout, cfg.max_lr) == ({"dropout": 0.1}, False, 0.2, 3e-4)
+    assert cfg.seed == TrainConfig("d", "o").seed and cfg.command.startswith("python ")

@@ -135,16 +135,8 @@ class CrystalTokenizer:
     # -- HuggingFace interop --------------------------------------------------------------
     def hf_tokenizer(self):
         """The discrete vocabulary as a transformers PreTrainedTokenizerFast."""
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast(
-            tokenizer_file=str(self.vocab.folder / "tokenizer.json"),
-            bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", model_max_length=512,
-        )
+        return self.vocab.hf_tokenizer()
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and the Wyckoff tables into a model folder."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.hf_tokenizer().save_pretrained(str(folder))
-        (folder / "wyckoff_tables.json").write_bytes((self.vocab.folder / "wyckoff_tables.json").read_bytes())
+        self.vocab.save_pretrained(folder)

@@ -25,7 +25,7 @@ import types
 import typing
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,10 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .composition import feature_function
-from .configuration_wyckoffgpt import PRESET_TRAINING, PRESETS, WyckoffGPTConfig
+from .configuration_wyckoffgpt import PRESETS, WyckoffGPTConfig
 from .data import VOCAB_FIELDS, DatasetError, SequenceDataset, collate, load_meta
 from .modeling_wyckoffgpt import WyckoffGPTModel
-from .vocab import default_vocab
+from .vocab import STABILITY_TOKENS, default_vocab
 
 STATE_FILE = "trainer_state.json"
 CSV_COLUMNS = [
@@ -56,63 +56,97 @@ class TrainingError(RuntimeError):
     """Bad training input (dataset, vocabulary, checkpoint, preset, settings); the message says which."""
 
 
+def _setting(default: Any = MISSING, help: str = "", flags: tuple[str, ...] = (), choices: tuple[str, ...] = (),
+             default_factory: Any = MISSING) -> Any:
+    """A TrainConfig field with its documentation (`help`, shown by `train.py --help` with the default),
+    any short command-line `flags` besides the generated --field-name, and its `choices` if it has a few."""
+    metadata = {"help": help, "flags": flags, "choices": choices}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    data_dir: str | os.PathLike
-    out_dir: str | os.PathLike
-    model_preset: str = "small"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # any WyckoffGPTConfig field
-    # Start from a trained model instead of random weights: a saved model folder, a Hub repo id (read
-    # from the Hugging Face cache, fetched once if absent), or the word "bundled" for the model that
-    # ships with the package (a folder of that name: "./bundled"). Fine-tuning: settings left None
-    # below then take FINETUNE_DEFAULTS instead of the from-scratch defaults.
-    init_from: str | None = None
-    # Fine-tuning only: freeze the token/value/position/composition input embeddings and the first k
-    # transformer blocks (0: train everything). The token head shares its weight with the token
-    # embedding, so that weight stays frozen too; the value head, the later blocks and the final
-    # LayerNorm train.
-    freeze_blocks: int = 0
-    batch_size: int | None = None  # sequences per micro-batch and process; None: the preset's
-    grad_accum_steps: int = 1
-    epochs: int = 10
-    max_steps: int | None = None  # overrides epochs when set
-    max_lr: float | None = None  # None: the preset's (paper: 2e-4); fine-tuning: 3e-5
-    # One-cycle: linear warm-up over this fraction of the steps, then linear decay. None: 0.05;
-    # fine-tuning: 0.02.
-    warmup_frac: float | None = None
-    final_lr_frac: float = 0.01
-    weight_decay: float | None = None  # None: the preset's
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    # Group sequences of similar length into a step: less padding, but biased (length_sorted_pieces
-    # below gets about the same speed without the bias). This model's gradient norm (5-30) is always
-    # above grad_clip, so every step moves the weights as far, and with steps of only short or only
-    # long crystals a short crystal's tokens weigh about 4x a long one's: the model trained so (before
-    # 2026-11-23) sampled 24 % binaries where the data have 17 %. Shuffled steps mix lengths, and
-    # every token weighs the same.
-    length_buckets: bool = False
-    # Run each micro-batch as this many pieces of similar length, sorted within the step: the step
-    # and its gradient stay the same (the loss is a sum divided by a constant), only the padding
-    # shrinks. A shuffled batch of 128 of these sequences is ~31 % real tokens when padded to its
-    # longest, ~68 % in 4 pieces: 0.99 s instead of 2.55 s per step of the small preset on 2 CPU cores
-    # (8 pieces: 1.01 s). None: 4 on a CPU, 1 on a GPU, whose steps are bound by per-kernel overhead
-    # rather than by padded arithmetic.
-    length_sorted_pieces: int | None = None
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    seed: int = 0
-    eval_every: int | None = None  # optimizer steps; 0 disables validation. None: 200; fine-tuning: 50
-    eval_batch_size: int | None = None
-    patience: int | None = None  # evaluations without improvement before stopping early. None: 10; fine-tuning: 3
-    min_delta: float = 0.0
-    save_every: int = 500  # optimizer steps between checkpoints; 0: only at the end of an interrupted run
-    keep_last_checkpoints: int = 2
-    keep_checkpoints: bool = False  # keep checkpoints/ and best/ after the final export
-    resume: bool = False
-    stop_at_step: int | None = None  # stop (with a checkpoint) after this step, keeping the full schedule
-    log_every: int = 20
-    progress: bool = True
-    command: str | None = None  # recorded in the model card
+    """Settings of a training run. Each field's help text says what it means, in which unit, and what
+    None stands for; `train.py --help` prints them with their defaults (a YAML file of these keys sets
+    them too)."""
 
+    data_dir: str | os.PathLike = _setting(help="tokenized dataset folder (meta.json + arrays)", flags=("--data",))
+    out_dir: str | os.PathLike = _setting(
+        help="output folder for checkpoints, logs and the final model", flags=("--out",))
+    model_preset: str = _setting("small", f"architecture preset, with its training defaults: {' | '.join(PRESETS)}")
+    model_overrides: dict[str, Any] = _setting(
+        help="any WyckoffGPTConfig field, over the preset (or over the --init-from model's config), as a JSON "
+             "object, e.g. '{\"dropout\": 0.1}'", default_factory=dict)
+    init_from: str | None = _setting(
+        None, "start from a trained model instead of random weights: a saved model folder, a Hub repo id (read "
+              "from the Hugging Face cache, fetched once if absent), or 'bundled' for the model that ships with "
+              "the package (a folder of that name: ./bundled). Fine-tuning: the settings left None then take "
+              "FINETUNE_DEFAULTS instead of the from-scratch defaults")
+    freeze_blocks: int = _setting(
+        0, "fine-tuning only: freeze the token/value/position/composition input embeddings and the first K "
+           "transformer blocks (0: train everything). The token head shares its weight with the token "
+           "embedding, so that weight stays frozen too; the value head, the later blocks and the final "
+           "LayerNorm train")
+    batch_size: int | None = _setting(None, "sequences per micro-batch and process; None: the preset's")
+    grad_accum_steps: int = _setting(1, "micro-batches per optimizer step and process", flags=("--grad-accum",))
+    epochs: int = _setting(10, "passes over the train split (when max_steps is not set)")
+    max_steps: int | None = _setting(None, "optimizer steps in all; overrides epochs when set")
+    max_lr: float | None = _setting(
+        None, "peak learning rate of the one-cycle schedule; None: the preset's (paper: 2e-4), fine-tuning: 3e-5",
+        flags=("--lr",))
+    warmup_frac: float | None = _setting(
+        None, "one-cycle schedule: linear warm-up over this fraction of the steps, then linear decay; "
+              "None: 0.05, fine-tuning: 0.02")
+    final_lr_frac: float = _setting(0.01, "learning rate at the last step, as a fraction of max_lr")
+    weight_decay: float | None = _setting(
+        None, "AdamW weight decay of the weight matrices (biases, norms: none); None: the preset's")
+    betas: tuple[float, float] = _setting((0.9, 0.999), "AdamW's two moment decay rates")
+    grad_clip: float = _setting(1.0, "largest gradient norm of a step (clipped above it); 0: no clipping")
+    # This model's gradient norm is always above grad_clip, so every step moves the weights as far; in
+    # a step of only short crystals a short crystal's tokens then weigh more than a long one's, and a
+    # model trained so over-samples small cells (the bundled model's card). Shuffled steps mix lengths, and every
+    # token weighs the same.
+    length_buckets: bool = _setting(
+        False, "group sequences of similar length into a step: less padding, but short crystals' tokens then "
+               "weigh more than long ones' (length_sorted_pieces cuts the padding without that bias)")
+    # The step and its gradient stay the same (the loss is a sum divided by a constant), only the
+    # padding shrinks. A GPU's steps are bound by per-kernel overhead rather than by padded arithmetic,
+    # so there one piece is best.
+    length_sorted_pieces: int | None = _setting(
+        None, "run each micro-batch as this many pieces of similar length, sorted within the step (same "
+              "gradient, less padding); None: 4 on a CPU, 1 on a GPU")
+    mixed_precision: str = _setting("no", "no | fp16 | bf16 (fp16 needs a GPU)", choices=("no", "fp16", "bf16"))
+    seed: int = _setting(0, "seed of the weights, the data order, dropout and stability_dropout")
+    stability_dropout: float = _setting(
+        0.0, "probability that a training row's stability token (ehull:low/high) is replaced by ehull:unknown, "
+             "drawn anew each time the row is read, so that the model also learns the unconditional "
+             "distribution for classifier-free guidance; 0 = off")
+    eval_every: int | None = _setting(
+        None, "optimizer steps between validations; 0: no validation. None: 200, fine-tuning: 50")
+    eval_batch_size: int | None = _setting(None, "sequences per validation batch and process; None: 2 x batch_size")
+    patience: int | None = _setting(
+        None, "validations without improvement before stopping early; None: 10, fine-tuning: 3")
+    min_delta: float = _setting(0.0, "smallest fall of the validation loss (nats per token) that counts as improvement")
+    save_every: int = _setting(
+        500, "optimizer steps between checkpoints; 0: only at the end of an interrupted run (stop_at_step)")
+    keep_last_checkpoints: int = _setting(2, "checkpoints kept in out_dir/checkpoints (older ones are removed)")
+    keep_checkpoints: bool = _setting(False, "keep checkpoints/ and best/ after the final export")
+    resume: bool = _setting(False, "continue from the last checkpoint in out_dir")
+    stop_at_step: int | None = _setting(
+        None, "stop (with a checkpoint) after this step, keeping the full schedule; continue with resume")
+    log_every: int = _setting(20, "optimizer steps between log lines (train_log.csv and the console)")
+    progress: bool = _setting(True, "show a progress bar")
+    command: str | None = _setting(None, "the command recorded in the model card; None: train.py's command line")
+
+
+# Training defaults that go with each model preset (configuration_wyckoffgpt.PRESETS; batch size in
+# sequences per process and step). The small preset's are the bundled model's recipe (its card has the
+# command and the losses).
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_size=32, max_lr=1e-3, weight_decay=1e-3),
+    "small": dict(batch_size=128, max_lr=1e-3, weight_decay=0.1),
+    "paper": dict(batch_size=256, max_lr=2e-4, weight_decay=1e-3),
+}
 
 BUNDLED_INIT = "bundled"  # init_from value naming the model bundled with the package
 # Settings in force when they are left None: training from scratch, and fine-tuning (init_from set).
@@ -173,6 +207,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise _fail(f"max_lr must be > 0, got {cfg.max_lr}")
     if cfg.warmup_frac is not None and not 0 <= cfg.warmup_frac < 1:
         raise _fail(f"warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
+    if not 0 <= cfg.stability_dropout <= 1:
+        raise _fail(f"stability_dropout must be in [0, 1], got {cfg.stability_dropout}")
     if not 0 <= cfg.final_lr_frac <= 1:
         raise _fail(f"final_lr_frac must be in [0, 1], got {cfg.final_lr_frac}")
     if cfg.model_preset not in PRESETS:
@@ -263,9 +299,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], WyckoffGPTConfig]:
 class EpochBatches:
     """Deterministic batches of an epoch, a function of (seed, epoch) only, so a resumed run reads the
     same batches. With `bucket`, sequences of similar length are grouped (sorted within chunks of
-    BUCKET_STEPS steps, then the steps shuffled), which cuts padding roughly in half on Wyckoff
-    sequences whose lengths vary from ~10 to ~120 tokens (see TrainConfig.length_buckets for its
-    cost). The tail that does not fill a whole step is dropped."""
+    BUCKET_STEPS steps, then the steps shuffled), which cuts the padding of sequences of varied
+    length (see TrainConfig.length_buckets for its cost). The tail that does not fill a whole step is dropped."""
 
     BUCKET_STEPS = 50
 
@@ -313,33 +348,97 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _parts(sums: torch.Tensor) -> dict[str, float]:
-    """sums = [loss_sum, token, coord, length, angle, n_tokens, n_coord, n_length, n_angle]."""
-    s = sums.double().tolist()
-    n_tok = max(s[5], 1.0)
-    return {
-        "loss": s[0] / n_tok,
-        "token": s[1] / n_tok,
-        "coord": s[2] / s[6] if s[6] else float("nan"),
-        "length": s[3] / s[7] if s[7] else float("nan"),
-        "angle": s[4] / s[8] if s[8] else float("nan"),
-    }
+@dataclass
+class LossSums:
+    """Summed losses of some target tokens and the counts they are divided by: the loss and the token
+    cross-entropy summed over `tokens` targets, each value part (negative log density, or squared error
+    for an mse head) summed over its own count of values. Sums add up over micro-batches, steps and
+    processes; `means` gives the per-target losses the log reports."""
+
+    loss: torch.Tensor
+    token: torch.Tensor
+    coord: torch.Tensor
+    length: torch.Tensor
+    angle: torch.Tensor
+    tokens: torch.Tensor
+    coords: torch.Tensor
+    lengths: torch.Tensor
+    angles: torch.Tensor
+
+    # The model output's field for each of ours, in field order.
+    OUTPUT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "loss_sum", "token_loss_sum", "coord_loss_sum", "length_loss_sum", "angle_loss_sum",
+        "n_tokens", "n_coord", "n_length", "n_angle",
+    )  # fmt: skip
+
+    @classmethod
+    def zeros(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LossSums:
+        return cls(*torch.zeros(len(cls.OUTPUT_FIELDS), device=device, dtype=dtype))
+
+    @classmethod
+    def of(cls, output: Any, dtype: torch.dtype = torch.float32) -> LossSums:
+        """The sums of one forward pass run with `compute_loss=True`."""
+        return cls(*(getattr(output, name).detach().to(dtype) for name in cls.OUTPUT_FIELDS))
+
+    def values(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def __add__(self, other: LossSums) -> LossSums:
+        return LossSums(*(a + b for a, b in zip(self.values(), other.values())))
+
+    def to(self, device: torch.device | str) -> LossSums:
+        return LossSums(*(v.to(device) for v in self.values()))
+
+    def reduced(self, acc: Accelerator) -> LossSums:
+        """Summed over all processes, in one collective."""
+        return LossSums(*acc.reduce(torch.stack(self.values()), "sum"))
+
+    def means(self) -> dict[str, float]:
+        """Loss and token loss per target token, each value part per value (NaN where there is none)."""
+        s = dict(zip((f.name for f in fields(self)), torch.stack(self.values()).double().tolist()))
+        ratio = lambda part, count: s[part] / s[count] if s[count] else float("nan")  # noqa: E731
+        n_tokens = max(s["tokens"], 1.0)
+        return {"loss": s["loss"] / n_tokens, "token": s["token"] / n_tokens, "coord": ratio("coord", "coords"),
+                "length": ratio("length", "lengths"), "angle": ratio("angle", "angles")}  # fmt: skip
 
 
-def _sums(out) -> torch.Tensor:
-    return torch.stack(
-        [
-            out.loss_sum.detach().float(),
-            out.token_loss_sum.detach().float(),
-            out.coord_loss_sum.detach().float(),
-            out.length_loss_sum.detach().float(),
-            out.angle_loss_sum.detach().float(),
-            out.n_tokens.float(),
-            out.n_coord.float(),
-            out.n_length.float(),
-            out.n_angle.float(),
-        ]
-    )
+class StabilityDropout:
+    """Which training rows lose their stability token (TrainConfig.stability_dropout). Each row is drawn
+    anew each epoch, as a function of (seed, epoch, row index) only, so a resumed run and any process
+    layout (processes, accumulation, pieces) replace the same rows."""
+
+    STREAM = 1  # keeps these draws independent of the data order's, which is seeded by (seed, epoch)
+
+    def __init__(self, p: float, seed: int, n_rows: int, known_ids: list[int], unknown_id: int) -> None:
+        self.p, self.seed, self.n_rows = p, seed, n_rows
+        self.known, self.unknown = torch.tensor(known_ids), unknown_id
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def dropped(self, epoch: int) -> np.ndarray:
+        """Boolean mask over the rows: True where the row's stability token is replaced this epoch."""
+        if self._cache is None or self._cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, self.STREAM])
+            self._cache = (epoch, rng.random(self.n_rows) < self.p)
+        return self._cache[1]
+
+    def apply(self, epoch: int, index: int, row: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.dropped(epoch)[index]:
+            return row
+        ids, values = row
+        return torch.where(torch.isin(ids, self.known), self.unknown, ids), values
+
+
+def stability_dropout(cfg: TrainConfig, vocab_hash: str, n_rows: int) -> StabilityDropout | None:
+    """The StabilityDropout of a run (None when off); the token ids come from the installed vocabulary."""
+    if not cfg.stability_dropout:
+        return None
+    vocab = default_vocab()
+    if vocab.hash != vocab_hash:
+        raise _fail(f"stability_dropout needs the vocabulary's stability tokens; the installed vocabulary "
+                    f"{vocab.hash!r} is not the dataset's {vocab_hash!r}")
+    ids = vocab.token_to_id
+    known = [ids[token] for level, token in STABILITY_TOKENS.items() if level is not None]
+    return StabilityDropout(cfg.stability_dropout, cfg.seed, n_rows, known, ids[STABILITY_TOKENS[None]])
 
 
 def input_features(config: WyckoffGPTConfig, vocab_hash: str) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -351,8 +450,8 @@ def input_features(config: WyckoffGPTConfig, vocab_hash: str) -> Callable[[np.nd
         raise _fail(f"the running composition needs the vocabulary tables; the installed vocabulary "
                     f"{vocab.hash!r} is not the dataset's {vocab_hash!r}")
     compute = feature_function(vocab, config.composition_slots, getattr(config, "charge_feature", False))
-    # The features are a pure function of the ids and every sequence comes back each epoch: computing
-    # them in Python takes ~30 ms per batch of 256, several times a GPU step, so each is computed once.
+    # The features are a pure function of the ids and every sequence comes back each epoch; computed
+    # in Python they can take longer than a GPU step, so each is computed once.
     memo: dict[bytes, np.ndarray] = {}
 
     def features(ids: np.ndarray) -> np.ndarray:
@@ -369,13 +468,13 @@ def evaluate(acc: Accelerator, model, dataset: SequenceDataset, batch_size: int,
              features: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
     """Loss parts over a whole split, each process taking every world-th sequence."""
     model.eval()
-    sums = torch.zeros(9, device=acc.device)
+    sums = LossSums.zeros(acc.device)
     mine = np.arange(acc.process_index, len(dataset), acc.num_processes)
     for lo in range(0, len(mine), batch_size):
         batch = collate([dataset[int(i)] for i in mine[lo : lo + batch_size]], pad, features)
-        sums += _sums(model(**_to_device(batch, acc.device), compute_loss=True))
+        sums = sums + LossSums.of(model(**_to_device(batch, acc.device), compute_loss=True))
     model.train()
-    return _parts(acc.reduce(sums, "sum"))
+    return sums.reduced(acc).means()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,18 +547,12 @@ below are on these).{frozen}
 
 
 def _export_tokenizer(out: Path, vocab_hash: str) -> None:
-    try:
-        from .tokenizer import CrystalTokenizer
-    except ImportError as e:
-        warnings.warn(f"tokenizer not exported: wyckoffgpt.tokenizer unavailable ({e})")
-        return
-    tok = CrystalTokenizer()
-    tok_hash = getattr(getattr(tok, "vocab", None), "hash", None)
-    if tok_hash != vocab_hash:
+    vocab = default_vocab()
+    if vocab.hash != vocab_hash:
         # The packaged vocabulary is not the dataset's: shipping it would mis-decode the model's tokens.
-        warnings.warn(f"tokenizer not exported: its vocabulary hash {tok_hash} != dataset's {vocab_hash}")
+        warnings.warn(f"tokenizer not exported: its vocabulary hash {vocab.hash} != dataset's {vocab_hash}")
         return
-    tok.save_pretrained(out)
+    vocab.save_pretrained(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -537,10 +630,106 @@ def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig 
     return config
 
 
+@dataclass
+class _Run:
+    """What the stages of `train` share: the settings in force, the data, the model and its optimizer,
+    and the position in the schedule (`state`, saved with each checkpoint)."""
+
+    cfg: TrainConfig
+    acc: Accelerator
+    out: Path
+    meta: dict[str, Any]
+    config: WyckoffGPTConfig
+    train_set: SequenceDataset
+    val_set: SequenceDataset | None
+    features: Callable[[np.ndarray], np.ndarray] | None
+    batches: EpochBatches
+    stability: StabilityDropout | None
+    total_steps: int
+    targets_per_step: float
+    model: Any  # as prepared by accelerate (DDP-wrapped with several processes), like the two below
+    optimizer: Any
+    scheduler: Any
+    n_params: int
+    state: dict[str, Any]
+    log: _Logger
+
+
+STEP_BUDGET = "reached the step budget"  # the stop reason of a run that did all its steps
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) a model and export it to `cfg.out_dir`; returns a summary dict."""
     _validate(cfg)
-    cfg = with_defaults(cfg)
+    run = _setup(with_defaults(cfg))
+    window = _Window(run.acc.device)
+    stop_reason = STEP_BUDGET
+    run.model.train()
+    while run.state["step"] < run.total_steps:
+        window.add(_train_step(run))
+        row = window.row() if _is_due(run, run.cfg.log_every) else {}
+        with window.paused():  # evaluation and checkpoint time is not training throughput
+            improved = _evaluate(run, row) if run.val_set is not None and _is_due(run, run.cfg.eval_every) else None
+            _write_log(run, row, window)
+            interrupted = _checkpoint_if_due(run)
+        if interrupted:
+            run.log.close()
+            run.acc.print(f"stopped at step {run.state['step']} as asked; continue with --resume")
+            return {"step": run.state["step"], "stop_reason": "stop_at_step", "exported": None, "train": window.last}
+        if improved is False and run.state["bad_evals"] >= run.cfg.patience:
+            stop_reason = f"early stopping: no validation improvement in {run.cfg.patience} evaluations"
+            break
+    run.log.close()
+    if stop_reason != STEP_BUDGET:
+        run.acc.print(stop_reason)
+    return _finish(run, stop_reason, window.last)
+
+
+# -- setup
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Data, resume point, settings in force, model, optimizer and schedule, then the opening line."""
+    meta, train_set, val_set = _load_data(cfg)
+    out = Path(cfg.out_dir)
+    checkpoint, resume_state, resume_config = _resume_point(cfg, out)
+    config = _model_config(cfg, meta, resume_config)
+    features = input_features(config, meta["vocab_hash"])
+    stability = stability_dropout(cfg, meta["vocab_hash"], len(train_set))
+    _check_fits(cfg, meta, config)
+
+    acc = _accelerator(cfg)
+    cfg = _settings_in_force(cfg, acc.device)
+    batches = _epoch_batches(cfg, acc, train_set)
+    total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": None, "best_val_parts": None, "bad_evals": 0,
+             "layout": _layout(cfg, acc), "total_steps": total_steps}  # fmt: skip
+    _check_layout(resume_state, state["layout"])
+
+    model, n_params, frozen = _model(cfg, config, fresh=resume_state is None)
+    optimizer, scheduler = _optimizer(cfg, model, total_steps)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if checkpoint is not None:
+        _restore(acc, checkpoint, state, resume_state)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(out / "train_log.csv", state["step"])
+    acc.print(_opening_line(cfg, acc, len(train_set), batches, total_steps, n_params, frozen,
+                            state["step"] if checkpoint else None))  # fmt: skip
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not (cfg.progress and acc.is_main_process),
+               dynamic_ncols=True)  # fmt: skip
+    return _Run(
+        cfg=cfg, acc=acc, out=out, meta=meta, config=config, train_set=train_set, val_set=val_set,
+        features=features, batches=batches, stability=stability, total_steps=total_steps,
+        # The summed loss of a step is divided by this constant, so that every target token weighs the
+        # same (see length_buckets for what else that needs).
+        targets_per_step=float(np.mean(batches.lengths - 1)) * cfg.batch_size * batches.micro_per_step,
+        model=model, optimizer=optimizer, scheduler=scheduler, n_params=n_params, state=state,
+        log=_Logger(acc, out / "train_log.csv", bar),
+    )  # fmt: skip
+
+
+def _load_data(cfg: TrainConfig) -> tuple[dict[str, Any], SequenceDataset, SequenceDataset | None]:
     try:
         meta = load_meta(cfg.data_dir)
         train_set = SequenceDataset(cfg.data_dir, "train")
@@ -549,20 +738,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise _fail(str(e)) from None
     if len(train_set) == 0:
         raise _fail(f"dataset {cfg.data_dir} has an empty train split")
+    return meta, train_set, val_set
 
-    out = Path(cfg.out_dir)
+
+def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict[str, Any] | None, WyckoffGPTConfig | None]:
+    """The checkpoint to resume from, its trainer state and model config (all None for a fresh run)."""
     checkpoints = _checkpoints(out)
     if checkpoints and not cfg.resume:
         raise _fail(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
-    resume_state, resume_config = _read_checkpoint(checkpoints[-1]) if cfg.resume and checkpoints else (None, None)
+    if not (cfg.resume and checkpoints):
+        return None, None, None
+    return checkpoints[-1], *_read_checkpoint(checkpoints[-1])
 
-    preset_train = PRESET_TRAINING[cfg.model_preset]
-    batch_size = cfg.batch_size or preset_train["batch_size"]
-    max_lr = cfg.max_lr or preset_train["max_lr"]
-    weight_decay = preset_train["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay
-    config = _model_config(cfg, meta, resume_config)
-    pad = config.pad_token_id
-    features = input_features(config, meta["vocab_hash"])
+
+def _check_fits(cfg: TrainConfig, meta: dict[str, Any], config: WyckoffGPTConfig) -> None:
     if meta.get("max_length", 0) > config.max_position_embeddings:
         raise _fail(
             f"dataset sequences reach {meta['max_length']} tokens, more than the model's "
@@ -571,6 +760,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise _fail("fp16 mixed precision needs a GPU; use bf16 on CPU")
 
+
+def _accelerator(cfg: TrainConfig) -> Accelerator:
     # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with other
     # settings (e.g. a bf16 run after an fp32 one in the same Python session): start it afresh. The
     # PartialState (process group) is kept.
@@ -583,162 +774,235 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Accumulation is done by hand (no_sync + one backward per micro-batch), because the loss of a step
     # is normalised by one constant for all its micro-batches, not averaged per micro-batch.
     set_seed(cfg.seed)
-    world, rank = acc.num_processes, acc.process_index
-    lengths = train_set.lengths()
-    pieces = cfg.length_sorted_pieces or (1 if acc.device.type == "cuda" else 4)
-    # The summary and the model card record the settings in force, not "the preset's" or "the device's".
-    cfg = replace(cfg, batch_size=batch_size, max_lr=max_lr, weight_decay=weight_decay, length_sorted_pieces=pieces)
-    batches = EpochBatches(lengths, batch_size, cfg.grad_accum_steps, world, rank, cfg.seed, bucket=cfg.length_buckets)
+    return acc
+
+
+def _settings_in_force(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """`cfg` with "the preset's" and "the device's" settings made explicit: the run uses them, and the
+    summary and the model card record them."""
+    preset = PRESET_TRAINING[cfg.model_preset]
+    return replace(
+        cfg,
+        batch_size=cfg.batch_size or preset["batch_size"],
+        max_lr=cfg.max_lr or preset["max_lr"],
+        weight_decay=preset["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay,
+        length_sorted_pieces=cfg.length_sorted_pieces or (1 if device.type == "cuda" else 4),
+    )
+
+
+def _epoch_batches(cfg: TrainConfig, acc: Accelerator, train_set: SequenceDataset) -> EpochBatches:
+    batches = EpochBatches(train_set.lengths(), cfg.batch_size, cfg.grad_accum_steps, acc.num_processes,
+                           acc.process_index, cfg.seed, bucket=cfg.length_buckets)  # fmt: skip
     if batches.steps_per_epoch == 0:
-        need = batch_size * cfg.grad_accum_steps * world
+        need = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
         raise _fail(
-            f"train split has {len(train_set)} sequences, fewer than one optimizer step uses "
-            f"(batch_size {batch_size} x grad_accum {cfg.grad_accum_steps} x processes {world} = {need})"
+            f"train split has {len(train_set)} sequences, fewer than one optimizer step uses (batch_size "
+            f"{cfg.batch_size} x grad_accum {cfg.grad_accum_steps} x processes {acc.num_processes} = {need})"
         )
-    total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
-    targets_per_step = float(np.mean(lengths - 1)) * batch_size * batches.micro_per_step
-    layout = {"processes": world, "batch_size": batch_size, "grad_accum_steps": cfg.grad_accum_steps,
-              "length_buckets": cfg.length_buckets}
-    if resume_state is not None:
-        resume_state.setdefault("layout", layout).setdefault("length_buckets", True)  # older runs bucketed
-    if resume_state is not None and resume_state["layout"] != layout:
+    return batches
+
+
+def _layout(cfg: TrainConfig, acc: Accelerator) -> dict[str, Any]:
+    """What the data position of a checkpoint is counted in."""
+    return {"processes": acc.num_processes, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+            "length_buckets": cfg.length_buckets}  # fmt: skip
+
+
+def _check_layout(resume_state: dict[str, Any] | None, layout: dict[str, Any]) -> None:
+    if resume_state is None:
+        return
+    resume_state.setdefault("layout", layout).setdefault("length_buckets", True)  # older runs bucketed
+    if resume_state["layout"] != layout:
         # The data position is counted in steps of this layout; another one would read other batches.
         raise _fail(f"checkpoint was written with {resume_state['layout']}, this run has {layout}; resume with the same")
 
-    if cfg.init_from and resume_state is None:
+
+def _model(cfg: TrainConfig, config: WyckoffGPTConfig, fresh: bool) -> tuple[WyckoffGPTModel, int, int]:
+    """The model to train (a resumed run's weights come with its checkpoint), its parameter count and
+    how many of them are frozen."""
+    if cfg.init_from and fresh:
         model = WyckoffGPTModel.from_pretrained(str(resolve_init_from(cfg.init_from)), config=config, dtype=torch.float32)
     else:
         model = WyckoffGPTModel(config)
-    n_params = model.num_parameters()
     frozen = freeze_first_blocks(model, cfg.freeze_blocks) if cfg.freeze_blocks else 0
+    return model, model.num_parameters(), frozen
+
+
+def _optimizer(cfg: TrainConfig, model: WyckoffGPTModel, total_steps: int):
+    """AdamW (weight decay on the weight matrices only) and its one-cycle schedule."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=max_lr,
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.max_lr,
         betas=cfg.betas,
-        fused=True,  # one kernel for all tensors: ~10x faster than foreach on CPU
+        fused=True,  # one kernel for all tensors, not one per tensor
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup_frac, cfg.final_lr_frac))
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    return optimizer, scheduler
 
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": None, "best_val_parts": None, "bad_evals": 0,
-             "layout": layout, "total_steps": total_steps}  # fmt: skip
-    if resume_state is not None:
-        try:
-            acc.load_state(str(checkpoints[-1]))
-        except Exception as e:  # accelerate raises many kinds for truncated or foreign files
-            raise _fail(f"checkpoint {checkpoints[-1]} is corrupt: {type(e).__name__}: {e}") from None
-        state.update(resume_state)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.csv"
-    if acc.is_main_process:
-        _truncate_log(log_path, state["step"])
 
-    acc.print(
-        f"model {n_params:,} params, {len(train_set)} train seqs, {batches.steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps, batch {batch_size}x{cfg.grad_accum_steps}x{world} in {pieces} length-sorted "
-        f"piece(s), lr {max_lr:g}, weight decay {weight_decay:g}, precision {cfg.mixed_precision}"
+def _restore(acc: Accelerator, checkpoint: Path, state: dict[str, Any], resume_state: dict[str, Any]) -> None:
+    """Weights, optimizer, schedule and RNG states from `checkpoint`; the position into `state`."""
+    try:
+        acc.load_state(str(checkpoint))
+    except Exception as e:  # accelerate raises many kinds for truncated or foreign files
+        raise _fail(f"checkpoint {checkpoint} is corrupt: {type(e).__name__}: {e}") from None
+    state.update(resume_state)
+
+
+def _opening_line(cfg: TrainConfig, acc: Accelerator, n_train: int, batches: EpochBatches, total_steps: int,
+                  n_params: int, frozen: int, resumed_at: int | None) -> str:
+    return (
+        f"model {n_params:,} params, {n_train} train seqs, {batches.steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps, batch {cfg.batch_size}x{cfg.grad_accum_steps}x{acc.num_processes} in "
+        f"{cfg.length_sorted_pieces} length-sorted piece(s), lr {cfg.max_lr:g}, weight decay {cfg.weight_decay:g}, "
+        f"precision {cfg.mixed_precision}"
         + (f", from {cfg.init_from}" if cfg.init_from else "")
         + (f", {frozen:,} params frozen" if frozen else "")
-        + (f", resumed at step {state['step']}" if resume_state else "")
+        + (f", stability dropout {cfg.stability_dropout:g}" if cfg.stability_dropout else "")
+        + (f", resumed at step {resumed_at}" if resumed_at is not None else "")
     )
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
-    log = _Logger(acc, log_path, bar)
-    window = torch.zeros(9, device=acc.device)
-    window_tokens, window_start, run_start = 0.0, time.perf_counter(), time.perf_counter()
-    stop_reason, last_train = "reached the step budget", None
 
-    model.train()
-    while state["step"] < total_steps:
-        if state["step_in_epoch"] >= batches.steps_per_epoch:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-        micro = [
-            collate([train_set[int(i)] for i in piece], pad, features)
-            for idx in batches.step_indices(state["epoch"], state["step_in_epoch"])
-            for piece in _length_sorted_pieces(idx, lengths, pieces)
-        ]
-        # The summed loss of a step is divided by a constant, the mean number of targets per step, so
-        # that every target token weighs the same (see length_buckets for what else that needs). DDP
-        # averages gradients over processes; multiplying by world turns that back into a sum.
-        scale = world / targets_per_step
-        step_sums = torch.zeros(9, device=acc.device)
-        for j, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
-            with sync:
-                output = model(**_to_device(batch, acc.device), compute_loss=True)
-                acc.backward(output.loss_sum * scale)
-            step_sums += _sums(output)
-        step_sums = acc.reduce(step_sums, "sum")
-        if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["step_in_epoch"] += 1
-        bar.update(1)
 
-        window += step_sums
-        window_tokens += float(step_sums[5])  # target tokens of the step, all processes
-        row: dict[str, Any] = {}
-        if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-            elapsed = time.perf_counter() - window_start
-            last_train = _parts(window)
-            row.update({f"{k}_loss" if k != "loss" else "loss": v for k, v in last_train.items()})
-            row["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-            window.zero_()
-            window_tokens, window_start = 0.0, time.perf_counter()
+# -- the step
 
-        stop_early = False
-        pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-        if val_set is not None and cfg.eval_every and (state["step"] % cfg.eval_every == 0 or state["step"] == total_steps):
-            val = evaluate(acc, model, val_set, cfg.eval_batch_size or 2 * batch_size, pad, features)
-            row.update({f"val_{k}_loss" if k != "loss" else "val_loss": v for k, v in val.items()})
-            if state["best_val"] is None or val["loss"] < state["best_val"] - cfg.min_delta:
-                state["best_val"], state["best_val_parts"], state["bad_evals"] = val["loss"], val, 0
-                _save_best(acc, model, out)
-            else:
-                state["bad_evals"] += 1
-                if state["bad_evals"] >= cfg.patience:
-                    stop_early = True
-                    stop_reason = f"early stopping: no validation improvement in {cfg.patience} evaluations"
-        if row:
-            row.update(step=state["step"], epoch=state["epoch"], lr=scheduler.get_last_lr()[0],
-                       elapsed_s=time.perf_counter() - run_start)  # fmt: skip
-            log.write(row)
 
-        window_start += time.perf_counter() - pause_start
-        interrupted = cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step and state["step"] < total_steps
-        if (cfg.save_every and state["step"] % cfg.save_every == 0) or interrupted:
-            pause_start = time.perf_counter()
-            _save_checkpoint(acc, out, state, config, cfg.keep_last_checkpoints)
-            window_start += time.perf_counter() - pause_start
-        if interrupted:
-            bar.close()
-            acc.print(f"stopped at step {state['step']} as asked; continue with --resume")
-            return {"step": state["step"], "stop_reason": "stop_at_step", "exported": None, "train": last_train}
-        if stop_early:
-            break
-    bar.close()
-    if stop_reason.startswith("early"):
-        acc.print(stop_reason)
+def _train_step(run: _Run) -> LossSums:
+    """One optimizer step over this process's micro-batches; returns the step's loss sums, all processes."""
+    state, acc, model = run.state, run.acc, run.model
+    if state["step_in_epoch"] >= run.batches.steps_per_epoch:
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+    micro = _micro_batches(run, state["epoch"], state["step_in_epoch"])
+    # DDP averages gradients over processes; multiplying by world turns that back into a sum.
+    scale = acc.num_processes / run.targets_per_step
+    sums = LossSums.zeros(acc.device)
+    for j, batch in enumerate(micro):
+        sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
+        with sync:
+            output = model(**_to_device(batch, acc.device), compute_loss=True)
+            acc.backward(output.loss_sum * scale)
+        sums = sums + LossSums.of(output)
+    sums = sums.reduced(acc)
+    if run.cfg.grad_clip > 0:
+        acc.clip_grad_norm_(model.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["step_in_epoch"] += 1
+    run.log.bar.update(1)
+    return sums
 
+
+def _micro_batches(run: _Run, epoch: int, step_in_epoch: int) -> list[dict[str, torch.Tensor]]:
+    """This process's batches of one step: its micro-batches, each as length-sorted pieces."""
+    lengths, pieces = run.batches.lengths, run.cfg.length_sorted_pieces
+
+    def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        drawn = run.train_set[i]
+        return run.stability.apply(epoch, i, drawn) if run.stability else drawn
+
+    return [
+        collate([row(int(i)) for i in piece], run.config.pad_token_id, run.features)
+        for idx in run.batches.step_indices(epoch, step_in_epoch)
+        for piece in _length_sorted_pieces(idx, lengths, pieces)
+    ]
+
+
+class _Window:
+    """Training losses and throughput since the last log line."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums = LossSums.zeros(device)
+        self.start = self.run_start = time.perf_counter()
+        self.last: dict[str, float] | None = None  # the losses of the last full window
+
+    def add(self, sums: LossSums) -> None:
+        self.sums = self.sums + sums
+
+    def row(self) -> dict[str, Any]:
+        """The log row's training losses and tokens per second; starts a new window."""
+        elapsed = time.perf_counter() - self.start
+        self.last = self.sums.means()
+        row: dict[str, Any] = {f"{k}_loss" if k != "loss" else "loss": v for k, v in self.last.items()}
+        row["tokens_per_s"] = float(self.sums.tokens) / max(elapsed, 1e-9)
+        self.sums = LossSums.zeros(self.device)
+        self.start = time.perf_counter()
+        return row
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside does not count towards the window's throughput."""
+        pause_start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - pause_start
+
+
+def _write_log(run: _Run, row: dict[str, Any], window: _Window) -> None:
+    """One line of train_log.csv and the console, when the step has losses to report."""
+    if row:
+        row.update(step=run.state["step"], epoch=run.state["epoch"], lr=run.scheduler.get_last_lr()[0],
+                   elapsed_s=time.perf_counter() - window.run_start)  # fmt: skip
+        run.log.write(row)
+
+
+def _is_due(run: _Run, every: int | None) -> bool:
+    """Whether something done every `every` steps (and at the last one) is due now; never when 0."""
+    step = run.state["step"]
+    return bool(every) and (step % every == 0 or step == run.total_steps)
+
+
+# -- evaluation and checkpoints
+
+
+def _evaluate(run: _Run, row: dict[str, Any]) -> bool:
+    """Validation losses into the log `row`; the best weights so far kept in out/best. Returns whether
+    the loss improved (state's bad_evals counts the evaluations since it last did)."""
+    cfg, state = run.cfg, run.state
+    val = evaluate(run.acc, run.model, run.val_set, cfg.eval_batch_size or 2 * cfg.batch_size,
+                   run.config.pad_token_id, run.features)  # fmt: skip
+    row.update({f"val_{k}_loss" if k != "loss" else "val_loss": v for k, v in val.items()})
+    if state["best_val"] is None or val["loss"] < state["best_val"] - cfg.min_delta:
+        state["best_val"], state["best_val_parts"], state["bad_evals"] = val["loss"], val, 0
+        _save_best(run.acc, run.model, run.out)
+        return True
+    state["bad_evals"] += 1
+    return False
+
+
+def _checkpoint_if_due(run: _Run) -> bool:
+    """Write a checkpoint every save_every steps, and at stop_at_step; returns whether the run stops there."""
+    step, cfg = run.state["step"], run.cfg
+    interrupted = cfg.stop_at_step is not None and cfg.stop_at_step <= step < run.total_steps
+    if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+        _save_checkpoint(run.acc, run.out, run.state, run.config, cfg.keep_last_checkpoints)
+    return interrupted
+
+
+# -- finish
+
+
+def _finish(run: _Run, stop_reason: str, last_train: dict[str, float] | None) -> dict[str, Any]:
+    """Export the model (the best validated weights if there are any) and return the run's summary."""
+    state = run.state
     summary = {
         "step": state["step"],
         "epoch": state["epoch"],
-        "epochs_done": state["step"] / batches.steps_per_epoch,
-        "processes": world,
+        "epochs_done": state["step"] / run.batches.steps_per_epoch,
+        "processes": run.acc.num_processes,
         "stop_reason": stop_reason,
         "train": last_train,
         "best_val": state["best_val"],
         "best_val_parts": state["best_val_parts"],
-        "out_dir": str(out),
+        "out_dir": str(run.out),
     }
-    _export(acc, model, out, cfg, meta, config, n_params, summary)
+    _export(run.acc, run.model, run.out, run.cfg, run.meta, run.config, run.n_params, summary)
     return summary
 
 
@@ -799,8 +1063,13 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 class _Logger:
+    """train_log.csv rows and the matching console lines, under the progress bar."""
+
     def __init__(self, acc: Accelerator, path: Path, bar) -> None:
         self.acc, self.path, self.bar = acc, path, bar
+
+    def close(self) -> None:
+        self.bar.close()
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.acc.is_main_process:

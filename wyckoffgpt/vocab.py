@@ -111,6 +111,23 @@ class Vocab:
     def group(self, number: int) -> SpaceGroupTable:
         return _group_table(self, number)
 
+    def hf_tokenizer(self):
+        """The discrete vocabulary as a transformers PreTrainedTokenizerFast."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(
+            tokenizer_file=str(self.folder / "tokenizer.json"),
+            bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", model_max_length=512,
+        )  # fmt: skip
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and the Wyckoff tables into a model folder (what
+        training exports next to the weights: no structure library needed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.hf_tokenizer().save_pretrained(str(folder))
+        (folder / "wyckoff_tables.json").write_bytes((self.folder / "wyckoff_tables.json").read_bytes())
+
     def model_fields(self) -> dict:
         """Vocabulary facts a model config and a dataset's meta.json record."""
         return {

@@ -22,14 +22,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(n_layer=12, n_head=16, n_embd=512, n_mixture=8, value_basis_size=128, max_position_embeddings=256),
 }
 
-# Training defaults that go with each preset (batch size in sequences per process and step). The
-# small preset's are the bundled model's recipe (its card has the command and the losses).
-PRESET_TRAINING: dict[str, dict[str, Any]] = {
-    "tiny": dict(batch_size=32, max_lr=1e-3, weight_decay=1e-3),
-    "small": dict(batch_size=128, max_lr=1e-3, weight_decay=0.1),
-    "paper": dict(batch_size=256, max_lr=2e-4, weight_decay=1e-3),
-}
-
 CONTINUOUS_HEADS = ("mixture", "mse")
 POSITION_EMBEDDINGS = ("sinusoidal", "learned")
 
@@ -167,7 +159,7 @@ class WyckoffGPTConfig(PreTrainedConfig):
         )
 
     @classmethod
-    def from_preset(cls, name: str, **fields: Any) -> "WyckoffGPTConfig":
+    def from_preset(cls, name: str, **fields: Any) -> WyckoffGPTConfig:
         """Config of a named architecture preset; `fields` (vocabulary facts, overrides) win over it."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
