@@ -487,6 +487,8 @@ def _model_card(cfg: TrainConfig, meta: dict, config: WyckoffGPTConfig, n_params
 
     command = cfg.command or f"python train.py --data {cfg.data_dir} --out {cfg.out_dir} --model-preset {cfg.model_preset}"
     hub_base = cfg.init_from if cfg.init_from and _is_hub_id(cfg.init_from) else None
+    # Ordered for a user: what it is, how good, how to use it, what it learnt from, its limits; then
+    # how it was trained.
     return f"""---
 library_name: transformers
 tags: [crystal-structure-generation, wyckoffgpt]
@@ -494,30 +496,50 @@ tags: [crystal-structure-generation, wyckoffgpt]
 # WyckoffGPT model
 {_fine_tuning_lines(cfg, meta)}
 Autoregressive transformer over Wyckoff-position token sequences (discrete token head + {config.continuous_head}
-value head for coordinates, lattice lengths and angles).
+value head for coordinates, lattice lengths and angles): preset `{cfg.model_preset}`, {config.n_layer} blocks,
+d={config.n_embd}, {config.n_head} heads, {n_params:,} parameters; vocabulary hash `{config.vocab_hash}`
+({config.vocab_size} tokens).
 
-- Architecture: preset `{cfg.model_preset}`, {config.n_layer} blocks, d={config.n_embd}, {config.n_head} heads,
-  {n_params:,} parameters; vocabulary hash `{config.vocab_hash}` ({config.vocab_size} tokens).
-- Data: `{cfg.data_dir}` ({meta['splits'].get('train', 0)} training / {meta['splits'].get('val', 0)} validation sequences).
-- Command: `{command}`
-- Training: {summary['step']} optimizer steps ({summary['epochs_done']:.2f} epochs), {summary['processes']} process(es),
-  mixed precision `{cfg.mixed_precision}`, stopped because: {summary['stop_reason']}.
-- Final training loss (last logging window): {fmt(summary['train'])}
+## How good
+
 - Best validation loss: {fmt(summary['best_val_parts'])}
-- Exported weights: {summary['exported']}.
+- Final training loss (last logging window): {fmt(summary['train'])}
 
 Losses are per target token (cross-entropy plus value NLL where the next token carries a value); value parts
-are per value, as negative log densities in natural units (fraction, Å, degree).
+are per value, as negative log densities in natural units (fraction, Å, degree). The quality of its samples
+(validity, uniqueness, novelty, SMACT) is not measured at training time:
+`python benchmarks/quality.py --model THIS_FOLDER --data {cfg.data_dir}` measures it.
 
 ## Use
 
-```python
-import wyckoffgpt  # registers the model with transformers' Auto classes
-from transformers import AutoModel
-model = AutoModel.from_pretrained("path/to/this/folder")
+```bash
+python generate.py --model THIS_FOLDER --elements Al Ca Cu --ehull low
 ```
 
-Without the package: `AutoModel.from_pretrained(folder, trust_remote_code=True)`.
+```python
+from wyckoffgpt import CrystalGenerator
+gen = CrystalGenerator.from_pretrained("path/to/this/folder")
+```
+
+With transformers alone: `AutoModel.from_pretrained(folder, trust_remote_code=True)` (or `import wyckoffgpt`
+first, which registers the model with the Auto classes).
+
+## Training data
+
+`{cfg.data_dir}` ({meta['splits'].get('train', 0)} training / {meta['splits'].get('val', 0)} validation sequences).
+The licence of the model follows that of its training data.
+
+## Limitations
+
+The model proposes crystals like those of its training data; their stability is not known until they are
+relaxed and compared with a convex hull (`generate.py --relax`).
+
+## Training details
+
+- Command: `{command}`
+- {summary['step']} optimizer steps ({summary['epochs_done']:.2f} epochs), {summary['processes']} process(es),
+  mixed precision `{cfg.mixed_precision}`, stopped because: {summary['stop_reason']}.
+- Exported weights: {summary['exported']}.
 """
 
 
