@@ -28,7 +28,6 @@ import datetime
 import shlex
 import sys
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # heldout.py, also when loaded as a module
 
-from heldout import MATCHER_SETTINGS, emit, init_worker, matcher, rms_distance, split_records, worker_generator  # noqa: E402
+from heldout import MATCHER_SETTINGS, emit, matcher, rms_distance, run_jobs, split_records, worker_generator  # noqa: E402
 
 from wyckoffgpt.data import split_systems  # noqa: E402
 from wyckoffgpt.structure_io import InputError, parse_structure  # noqa: E402
@@ -137,13 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"csp.py: error: {exc}", file=sys.stderr)
         return 2
     items = [(i, key, rec, args.k, args.seed) for i, (key, rec) in enumerate(chosen)]
-    with Pool(args.workers, initializer=init_worker, initargs=(args.model,)) as pool:
-        rows = []
-        for row in pool.imap(predict, items):
-            rows.append(row)
-            print(f"{len(rows)}/{len(items)} {row['formula']}: {row['seconds']:.1f} s, "
-                  f"match k=1 {row['rms'][0] is not None}, any {any(d is not None for d in row['rms'])}",
-                  file=sys.stderr, flush=True)
+    rows = []
+    for row in run_jobs(predict, items, args.workers, args.model):
+        rows.append(row)
+        print(f"{len(rows)}/{len(items)} {row['formula']}: {row['seconds']:.1f} s, "
+              f"match k=1 {row['rms'][0] is not None}, any {any(d is not None for d in row['rms'])}",
+              file=sys.stderr, flush=True)
     summary = summarize(rows, args.k)
     report = {"benchmark": "csp", "date": datetime.date.today().isoformat(), "command": shlex.join(sys.argv),
               "data": str(args.data), "split": args.split, "unseen_systems": args.unseen_systems, "model": args.model or "bundled", "k": args.k,

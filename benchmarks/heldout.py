@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import Pool
 from pathlib import Path
 
 from pymatgen.core import Structure
@@ -46,6 +48,17 @@ def init_worker(model: str | None) -> None:
     from wyckoffgpt.generation import CrystalGenerator
 
     _GENERATOR = CrystalGenerator.from_pretrained(model, device="cpu", cpu_threads=1)
+
+
+def run_jobs(fn: Callable, jobs: Iterable, workers: int, model: str | None, ordered: bool = True) -> Iterator:
+    """fn over the jobs with a generator per worker: in `workers` pool processes, or in this one when
+    workers is 1. ordered=False yields each result as it is ready."""
+    if workers == 1:
+        init_worker(model)
+        yield from map(fn, jobs)
+        return
+    with Pool(workers, initializer=init_worker, initargs=(model,)) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, jobs)
 
 
 def worker_generator():

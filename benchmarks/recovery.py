@@ -32,7 +32,6 @@ import shlex
 import sys
 import time
 from collections import defaultdict
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # heldout.py, also when loaded as a module
 
-from heldout import MATCHER_SETTINGS, emit, init_worker, matcher, rms_distance, split_records, worker_generator  # noqa: E402
+from heldout import MATCHER_SETTINGS, emit, matcher, rms_distance, run_jobs, split_records, worker_generator  # noqa: E402
 
 from wyckoffgpt.structure_io import InputError, Record, parse_structure  # noqa: E402
 
@@ -232,15 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [("large", i, s, systems[s], args.n_large, args.seed) for i, s in enumerate(names[:args.large_systems])]
     jobs += [("main", i, s, systems[s], args.n, args.seed) for i, s in enumerate(names)]  # longest first
     results: dict[str, list[dict]] = {b: [] for b in budgets}
-    with Pool(args.workers, initializer=init_worker, initargs=(args.model,)) as pool:
-        for row in pool.imap_unordered(run_system, jobs):
-            for t, seen_as in zip(row["targets"], seen[row["system"]]):
-                t["seen_as"] = seen_as
-            results[row["budget"]].append(row)
-            t = tally([row])
-            print(f"{sum(map(len, results.values()))}/{len(jobs)} {row['system']} N={row['n']}: "
-                  f"recovered {t['recovered']}/{t['targets']}, {row['sample_seconds']:.0f} s + "
-                  f"{row['match_seconds']:.0f} s", file=sys.stderr, flush=True)
+    for row in run_jobs(run_system, jobs, args.workers, args.model, ordered=False):
+        for t, seen_as in zip(row["targets"], seen[row["system"]]):
+            t["seen_as"] = seen_as
+        results[row["budget"]].append(row)
+        t = tally([row])
+        print(f"{sum(map(len, results.values()))}/{len(jobs)} {row['system']} N={row['n']}: "
+              f"recovered {t['recovered']}/{t['targets']}, seen in training {t['seen_in_training']}, "
+              f"{row['sample_seconds']:.0f} s + {row['match_seconds']:.0f} s", file=sys.stderr, flush=True)
     for budget_rows in results.values():
         budget_rows.sort(key=lambda r: names.index(r["system"]))
     totals = {b: {"n": size, **tally(results[b])} for b, size in budgets.items()}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -88,24 +86,22 @@ def write_case(tmp_path: Path, model_dir: Path) -> tuple[Path, Path, Path]:
     return csv, data, model
 
 
-def test_report_counts_targets_seen_in_training(model_dir, tmp_path):
+def test_report_counts_targets_seen_in_training(model_dir, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         csv, data, model = write_case(tmp_path, model_dir)
-    out = tmp_path / "recovery.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--data", str(data),
-                           "--input", str(csv), "--model", str(model), "--n", "4", "--workers", "1",
-                           "--large-systems", "1", "--n-large", "6", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": ""},
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = tmp_path / "recovery.json"
+        code = recovery.main(["--data", str(data), "--input", str(csv), "--model", str(model), "--n", "4",
+                              "--workers", "1", "--large-systems", "1", "--n-large", "6", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert report == {k: v for k, v in json.loads(out.read_text()).items() if k != "rows"}
     main, large = report["main"], report["large"]
     assert (main["systems"], main["targets"], main["seen_in_training"], main["unseen"]) == (1, 3, 2, 1)
     assert main["n"] == 4 and large["n"] == 6 and large["targets"] == 3
     assert report["training_data"]["split"] == "random"
-    assert "2 of the 3 targets are among the model's training crystals" in proc.stdout
+    assert "2 of the 3 targets are among the model's training crystals" in stdout
     assert main["per_system"]["Al-Cu-Li"]["targets"] == 3
 
 
