@@ -159,7 +159,7 @@ def print_table(rows: dict[str, list[dict]], budgets: dict[str, int]) -> None:
         t = tally(rows[budget])
         print(f"\nN = {size}, {t['systems']} systems: recovered {share(t['recovered'], t['targets'])}; "
               f"seen in training {t['seen_in_training']}; unseen recovered {share(t['recovered_unseen'], t['unseen'])}; "
-              f"sampling {t['sample_seconds']:.0f} s, matching {t['match_seconds']:.0f} s (CPU seconds over workers)")
+              f"sampling {t['sample_seconds']:.0f} s, matching {t['match_seconds']:.0f} s (wall seconds, summed over the systems)")
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
