@@ -45,6 +45,7 @@ from heldout import MATCHER_SETTINGS, emit, matcher, rms_distance, run_jobs, spl
 from wyckoffgpt.structure_io import InputError, Record, parse_structure  # noqa: E402
 
 TEMPERATURE = 1.0
+UNCHECKED = "unchecked"  # seen_as of a target when the model has no fingerprint index
 PER_SYSTEM = ("targets", "recovered", "seen_in_training", "recovered_unseen")
 
 
@@ -106,9 +107,10 @@ def training_lookup(model: str | None):
 
 
 def seen_in_training(index, targets: list[tuple[str, Record]]) -> list[str | None]:
-    """Per target, the material id of the training crystal it is (None: unseen), by id or by structure."""
+    """Per target, the material id of the training crystal it is (None: unseen; UNCHECKED without an
+    index), by id or by structure."""
     if index is None:
-        return [None] * len(targets)
+        return [UNCHECKED] * len(targets)
     ids = set(index.material_ids.tolist())
     return [key if key in ids else index.find_match(parse_structure(rec)) for key, rec in targets]
 
@@ -116,9 +118,11 @@ def seen_in_training(index, targets: list[tuple[str, Record]]) -> list[str | Non
 def tally(rows: list[dict]) -> dict:
     targets = [t for r in rows for t in r["targets"]]
     unseen = [t for t in targets if t.get("seen_as") is None]
+    checked = not any(t.get("seen_as") == UNCHECKED for t in targets)
     return {"systems": len(rows), "targets": len(targets), "recovered": sum(t["matched"] for t in targets),
-            "seen_in_training": len(targets) - len(unseen), "unseen": len(unseen),
-            "recovered_unseen": sum(t["matched"] for t in unseen),
+            "seen_in_training": len(targets) - len(unseen) if checked else None,
+            "unseen": len(unseen) if checked else None,
+            "recovered_unseen": sum(t["matched"] for t in unseen) if checked else None,
             "valid_fraction": sum(r["valid"] for r in rows) / max(1, sum(r["n"] for r in rows)),
             "sample_seconds": sum(r["sample_seconds"] for r in rows),
             "match_seconds": sum(r["match_seconds"] for r in rows)}
@@ -136,7 +140,9 @@ def training_note(t: dict, training: dict) -> str:
             f"On the {t['unseen']} unseen targets: {share(t['recovered_unseen'], t['unseen'])} recovered.")
 
 
-def share(a: int, b: int) -> str:
+def share(a: int | None, b: int | None) -> str:
+    if a is None or b is None:
+        return "unchecked"
     return f"{a}/{b}" + (f" ({100 * a / b:.0f} %)" if b else "")
 
 
@@ -149,7 +155,7 @@ def print_table(rows: dict[str, list[dict]], budgets: dict[str, int]) -> None:
     print("|---" * (head.count("|") + 2) + "|")
     for r in rows["main"]:
         t = tally([r])
-        line = (f"| {r['system']} | {t['targets']} | {t['seen_in_training']} | {share(t['recovered'], t['targets'])} "
+        line = (f"| {r['system']} | {t['targets']} | {UNCHECKED if t['seen_in_training'] is None else t['seen_in_training']} | {share(t['recovered'], t['targets'])} "
                 f"| {share(t['recovered_unseen'], t['unseen'])} |")
         if large:
             big = tally([large[r["system"]]]) if r["system"] in large else None
@@ -158,7 +164,7 @@ def print_table(rows: dict[str, list[dict]], budgets: dict[str, int]) -> None:
     for budget, size in budgets.items():
         t = tally(rows[budget])
         print(f"\nN = {size}, {t['systems']} systems: recovered {share(t['recovered'], t['targets'])}; "
-              f"seen in training {t['seen_in_training']}; unseen recovered {share(t['recovered_unseen'], t['unseen'])}; "
+              f"seen in training {UNCHECKED if t['seen_in_training'] is None else t['seen_in_training']}; unseen recovered {share(t['recovered_unseen'], t['unseen'])}; "
               f"sampling {t['sample_seconds']:.0f} s, matching {t['match_seconds']:.0f} s (wall seconds, summed over the systems)")
 
 
