@@ -25,41 +25,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import shlex
 import sys
 import time
-import warnings
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # heldout.py, also when loaded as a module
 
-from wyckoffgpt.atomic import atomic_write  # noqa: E402
-from wyckoffgpt.data import load_meta  # noqa: E402
+from heldout import MATCHER_SETTINGS, emit, matcher, rms_distance, run_jobs, split_records, worker_generator  # noqa: E402
 
-MATCHER_SETTINGS = {"ltol": 0.3, "stol": 0.5, "angle_tol": 10}
+from wyckoffgpt.data import split_systems  # noqa: E402
+from wyckoffgpt.structure_io import InputError, parse_structure  # noqa: E402
+
 CENTRINGS = (1, 2, 3, 4)  # conventional cell / primitive cell
-
-_GEN = None
-_OPTS: dict = {}
-
-
-def split_systems(data_dir: Path, split: str) -> list[str]:
-    """Chemical system ("Al-Ca-Cu") of each sequence of a split, read from its element tokens."""
-    from wyckoffgpt.data import SequenceDataset
-    from wyckoffgpt.vocab import default_vocab
-
-    tokens = default_vocab().tokens
-    out = []
-    for ids, _ in SequenceDataset(data_dir, split):
-        head = [tokens[i] for i in ids[:12].tolist()]  # <bos> stability n:k elements...
-        out.append("-".join(sorted(head[3:3 + int(head[2][2:])])))
-    return out
 
 
 def held_out(data_dir: Path, input_path: Path, split: str, n: int, seed: int,
@@ -68,26 +50,16 @@ def held_out(data_dir: Path, input_path: Path, split: str, n: int, seed: int,
     unseen_systems only those whose chemical system has no structure in the train split."""
     from pymatgen.core import Composition
 
-    from wyckoffgpt.structure_io import iter_records
-
-    meta = load_meta(data_dir)
-    if split not in meta.get("material_ids", {}):
-        raise SystemExit(f"csp.py: error: {data_dir} has no material ids for split {split!r}")
-    ids = meta["material_ids"][split]
+    rows = split_records(data_dir, input_path, split)
     if unseen_systems:
         seen = set(split_systems(data_dir, "train"))
-        ids = [i for i, system in zip(ids, split_systems(data_dir, split)) if system not in seen]
-    order = np.random.default_rng(seed).permutation(len(ids))
-    wanted = {ids[i]: rank for rank, i in enumerate(order)}
-    found = {}
-    for rec in iter_records(input_path, None):
-        if rec.key in wanted:
-            found[rec.key] = rec
+        rows = [row for row in rows if row[1] not in seen]
+    order = np.random.default_rng(seed).permutation(len(rows))
     chosen, formulas = [], set()
-    for key in sorted(found, key=wanted.get):
-        rec = found[key]
+    for i in order:
+        key, _, rec = rows[i]
         try:
-            formula = Composition(_structure(rec).composition).reduced_formula
+            formula = Composition(parse_structure(rec).composition).reduced_formula
         except ValueError:
             continue
         if formula in formulas:
@@ -99,54 +71,20 @@ def held_out(data_dir: Path, input_path: Path, split: str, n: int, seed: int,
     return chosen
 
 
-def _structure(rec):
-    from wyckoffgpt.structure_io import parse_structure
-
-    return parse_structure(rec)
-
-
-def _init(model: str | None, k: int, seed: int) -> None:
-    global _GEN
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    from wyckoffgpt.generation import CrystalGenerator
-
-    _GEN = CrystalGenerator.from_pretrained(model, device="cpu", cpu_threads=1)
-    _OPTS.update(k=k, seed=seed)
-
-
-def predict(item: tuple[int, str, object]) -> dict:
+def predict(item: tuple[int, str, object, int, int]) -> dict:
     """Generate k candidates for one held-out structure and match them against it."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
-    index, key, rec = item
-    target = _structure(rec)
+    index, key, rec, k, seed = item
+    target = parse_structure(rec)
     formula, per_unit = target.composition.get_reduced_formula_and_factor()
     prim = target.get_primitive_structure()
     z_prim = round(len(prim) / (len(target) / per_unit))
     units = sorted({z_prim * c for c in CENTRINGS})
     t0 = time.perf_counter()
-    results = _GEN.generate(_OPTS["k"], formula=formula, formula_units=units, ehull="low",
-                            seed=_OPTS["seed"] + index, check_unique=False, charge_check="off")
+    results = worker_generator().generate(k, formula=formula, formula_units=units, ehull="low",
+                                          seed=seed + index, check_unique=False, charge_check="off")
     seconds = time.perf_counter() - t0
-    matcher = StructureMatcher(**MATCHER_SETTINGS)
-    rms = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for r in results:
-            d = None
-            if r.distance_valid:
-                try:
-                    out = matcher.get_rms_dist(r.structure, target)
-                    d = None if out is None else float(out[0])
-                except (ValueError, ArithmeticError):
-                    d = None
-            rms.append(d)
+    m = matcher()
+    rms = [rms_distance(m, r.structure, target) if r.distance_valid else None for r in results]
     return {"material_id": key, "formula": formula, "atoms": len(target), "formula_units_allowed": units,
             "seconds": seconds, "match_seconds": time.perf_counter() - t0 - seconds,
             "valid": sum(r.distance_valid for r in results), "rms": rms,
@@ -192,15 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"csp.py: error: {args.out} exists; choose another --out", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    chosen = held_out(args.data, args.input, args.split, args.n, args.seed, args.unseen_systems)
-    items = [(i, key, rec) for i, (key, rec) in enumerate(chosen)]
-    with Pool(args.workers, initializer=_init, initargs=(args.model, args.k, args.seed)) as pool:
-        rows = []
-        for row in pool.imap(predict, items):
-            rows.append(row)
-            print(f"{len(rows)}/{len(items)} {row['formula']}: {row['seconds']:.1f} s, "
-                  f"match k=1 {row['rms'][0] is not None}, any {any(d is not None for d in row['rms'])}",
-                  file=sys.stderr, flush=True)
+    try:
+        chosen = held_out(args.data, args.input, args.split, args.n, args.seed, args.unseen_systems)
+    except InputError as exc:
+        print(f"csp.py: error: {exc}", file=sys.stderr)
+        return 2
+    items = [(i, key, rec, args.k, args.seed) for i, (key, rec) in enumerate(chosen)]
+    rows = []
+    for row in run_jobs(predict, items, args.workers, args.model):
+        rows.append(row)
+        print(f"{len(rows)}/{len(items)} {row['formula']}: {row['seconds']:.1f} s, "
+              f"match k=1 {row['rms'][0] is not None}, any {any(d is not None for d in row['rms'])}",
+              file=sys.stderr, flush=True)
     summary = summarize(rows, args.k)
     report = {"benchmark": "csp", "date": datetime.date.today().isoformat(), "command": shlex.join(sys.argv),
               "data": str(args.data), "split": args.split, "unseen_systems": args.unseen_systems, "model": args.model or "bundled", "k": args.k,
@@ -214,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {summary['structures']} | {100 * summary['match_rate_k1']:.2f} % | "
           f"{100 * summary[f'match_rate_k{args.k}']:.2f} % | {fmt(summary['rms_k1'])} | "
           f"{fmt(summary[f'rms_k{args.k}'])} | {summary['seconds_per_formula']:.2f} |")
-    if args.out is not None:
-        atomic_write(args.out, json.dumps({**report, "rows": rows}, indent=1) + "\n")
-    print(json.dumps(report))
+    emit(report, rows, args.out)
     return 0
 
 

@@ -129,6 +129,20 @@ class SequenceDataset(Dataset):
         return np.diff(np.asarray(self.offsets))
 
 
+def split_systems(data_dir: str | os.PathLike, split: str) -> list[str]:
+    """Chemical system ("Al-Ca-Cu") of each sequence of a split, read from its element tokens."""
+    from .vocab import default_vocab
+
+    tokens = default_vocab().tokens
+    dataset = SequenceDataset(data_dir, split)
+    ids, offsets = np.asarray(dataset.ids), np.asarray(dataset.offsets)
+    out = []
+    for lo in offsets[:-1]:
+        head = [tokens[i] for i in ids[lo:lo + 12].tolist()]  # <bos> stability n:k elements...
+        out.append("-".join(sorted(head[3:3 + int(head[2][2:])])))
+    return out
+
+
 def collate(
     batch: list[tuple[torch.Tensor, torch.Tensor]], pad_token_id: int,
     features: Callable[[np.ndarray], np.ndarray] | None = None,

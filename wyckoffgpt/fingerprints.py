@@ -77,7 +77,8 @@ def build_fingerprint_index(dataset_dir: str | os.PathLike, out_path: str | os.P
     group_names, group_starts = np.unique(sorted_formulas, return_index=True)
     proto_names, proto_of = np.unique(np.array(prototypes)[order], return_inverse=True)
     index_meta = {"format": FORMAT, "split": SPLIT, "vocab_hash": vocab.hash, "entries": len(order),
-                  "source": meta.get("source"), "dataset_seed": meta.get("seed")}
+                  "source": meta.get("source"), "dataset_seed": meta.get("seed"),
+                  "dataset_split": meta.get("split")}  # "random" or "system": what a benchmark may call unseen
     arrays = {
         "ids": ids,
         "values": values[is_value],  # only the value tokens' values: the rest is NaN by definition

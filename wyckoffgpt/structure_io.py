@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,12 @@ def iter_records(path: str | Path, limit: int | None = None) -> Iterator[Record]
         if limit is not None and i >= limit:
             return
         yield rec
+
+
+def read_records(path: str | Path, keys: Collection[str]) -> dict[str, Record]:
+    """The records of `path` whose key (material id) is in `keys`, in one pass over the file."""
+    wanted = set(keys)
+    return {rec.key: rec for rec in iter_records(path) if rec.key in wanted}
 
 
 def _iter_csv(path: Path) -> Iterator[Record]:
