@@ -17,16 +17,9 @@ does `low` give a lower median than `high`, and a share within 0.1 eV/atom at le
 from __future__ import annotations
 
 import argparse
-import json
-import time
-import warnings
-from pathlib import Path
 
 import screening
 
-from wyckoffgpt import stability
-from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex
-from wyckoffgpt.generation import CrystalGenerator, resolve_model_path
 from wyckoffgpt.sampling import SamplingConfig
 
 SYSTEMS = ("Al-Ca-Cu", "Ca-Mn-O", "Ce-In-Pd", "Ba-O-Ti")
@@ -58,41 +51,16 @@ def verdicts(report: dict, systems: list[str], weights: list[float]) -> dict[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
+    screening.add_arguments(p, 50, "samples per system and class")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), help="chemical systems, elements joined by '-'")
-    p.add_argument("-n", type=int, default=50, help="samples per system and class")
-    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
     p.add_argument("--guidance", type=float, nargs="+", default=[SamplingConfig.guidance], metavar="W",
                    help="classifier-free guidance weights of the stability token (SamplingConfig.guidance): "
                         "low and high are drawn at each (default: 1, off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--fmax", type=float, default=0.1)
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--data", type=Path, help="Materials Project CSV of the hull (default: data/mp_structures.csv.gz)")
-    p.add_argument("--log", type=Path, help="JSONL of finished relaxations; a rerun with the same settings resumes")
-    p.add_argument("--report-only", action="store_true", help="relax nothing: report on what --log holds")
-    p.add_argument("--out", type=Path)
     args = p.parse_args()
-    warnings.simplefilter("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    t0 = time.perf_counter()
-    gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
-    index = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
-    config = stability.RelaxConfig(fmax=args.fmax, max_steps=args.max_steps)
-    refs = stability.default_references(args.data, config)
     conditions = [screening.Condition(name, tuple(system.split("-")), ehull, w)
                   for system in args.systems for name, ehull, w in arms(system, args.guidance)]
-    report = {"benchmark": "conditioning", "date": time.strftime("%Y-%m-%d"),
-              "model": str(resolve_model_path(args.model)), "systems": args.systems, "n_asked": args.n,
-              "temperature": args.temperature, "guidance": args.guidance, "seed": args.seed, "fmax": args.fmax,
-              "max_steps": args.max_steps, "workers": args.workers, "chgnet": stability.chgnet_version(),
-              **screening.run(gen, conditions, args.n, args.temperature, args.seed, refs, config, args.workers,
-                              args.log, index, args.report_only)}
+    report = screening.run_from_args(args, "conditioning", conditions, systems=args.systems, guidance=args.guidance)
     report["verdicts"] = verdicts(report, args.systems, args.guidance)
-    report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(screening.table(report))
     print()
     print("| system / guidance | low median < high median | within-0.1 share low / high | >= 1.5x |")
@@ -100,10 +68,7 @@ def main() -> None:
     for system, v in report["verdicts"].items():
         ratio = "" if v["share_ratio"] is None else f"{v['share_ratio']:.2f}"
         print(f"| {system} | {v['lower_median']} | {ratio} | {v['share_1.5x']} |")
-    line = json.dumps(report)
-    if args.out:
-        args.out.write_text(line + "\n")
-    print(line)
+    screening.emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ against the model's training crystals; a share of all k samples) at 0.1 eV/atom 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from wyckoffgpt import stability  # noqa: E402
-from wyckoffgpt.fingerprints import FingerprintIndex  # noqa: E402
-from wyckoffgpt.generation import CrystalGenerator, GeneratedCrystal  # noqa: E402
+from wyckoffgpt.fingerprints import INDEX_FILE, FingerprintIndex  # noqa: E402
+from wyckoffgpt.generation import CrystalGenerator, GeneratedCrystal, resolve_model_path  # noqa: E402
 from wyckoffgpt.metrics import wilson_interval  # noqa: E402
+from wyckoffgpt.sampling import SamplingConfig  # noqa: E402
 
 THRESHOLDS = (0.1, 0.08, 0.0)
 
@@ -182,3 +185,50 @@ def table(report: dict) -> str:
                      f"{f['unique']} | {f.get('novel', '')} | {med} | "
                      f"{pct(r['within_0.1_of_scored'], r['within_0.1_of_scored_ci95'])} | {sun} |")
     return "\n".join(lines)
+
+
+# -- the command line of sun.py and conditioning.py -------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser, n: int, n_help: str) -> None:
+    """The flags every screening benchmark has."""
+    p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument("-n", type=int, default=n, help=n_help)
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--fmax", type=float, default=0.1)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--data", type=Path, help="Materials Project CSV of the hull (default: data/mp_structures.csv.gz)")
+    p.add_argument("--log", type=Path, help="JSONL of finished relaxations; a rerun with the same settings resumes")
+    p.add_argument("--report-only", action="store_true", help="relax nothing: report on what --log holds")
+    p.add_argument("--out", type=Path)
+
+
+def run_from_args(args: argparse.Namespace, benchmark: str, conditions: Sequence[Condition],
+                  **settings: object) -> dict:
+    """Load the model, its training crystals and the hull, run the conditions, and return the report
+    with the run's settings (`settings`: the benchmark's own, recorded as given)."""
+    warnings.simplefilter("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    gen = CrystalGenerator.from_pretrained(args.model, device="cpu")
+    index = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
+    config = stability.RelaxConfig(fmax=args.fmax, max_steps=args.max_steps)
+    refs = stability.default_references(args.data, config)
+    report = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "model": str(resolve_model_path(args.model)),
+              **settings, "n_asked": args.n, "temperature": args.temperature, "seed": args.seed, "fmax": args.fmax,
+              "max_steps": args.max_steps, "workers": args.workers, "chgnet": stability.chgnet_version(),
+              **run(gen, conditions, args.n, args.temperature, args.seed, refs, config, args.workers, args.log,
+                    index, args.report_only)}
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """The report as one JSON line, last on stdout as every benchmark's, and in `out`."""
+    line = json.dumps(report)
+    if out:
+        out.write_text(line + "\n")
+    print(line)
