@@ -399,7 +399,7 @@ def test_guided_logits_are_contrast_plus_w_times_the_difference(generator, contr
     sampler = Sampler(generator.model, guidance=w, guidance_contrast=contrast, charge_check="off")
     parser = SequenceParser(VOCAB, Limits(), Conditions("ehull:low", ("Na", "Cl")))
     prompt = forced_prefix(parser)
-    mapping = contrast_token_map(VOCAB.tokens, contrast)
+    mapping = contrast_token_map(VOCAB, contrast)
     rows = _Rows([list(prompt)], [[math.nan] * len(prompt)], [parser], [0], len(prompt), None, mapping)
     live = sampler._open_round([0], rows)
     guided, _, _ = sampler._forward(live, None, mapping)

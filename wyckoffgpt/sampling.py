@@ -36,7 +36,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -56,7 +56,7 @@ from .decode import (
 from .descriptions import description_composition
 from .grammar import DecodeError, SequenceParser, WyckoffDescription
 from .structure_io import InputError
-from .vocab import STABILITY_TOKENS
+from .vocab import STABILITY_TOKENS, Vocab
 
 VALUE_REDRAWS = 4
 GUIDANCE_CONTRASTS = ("opposite", "unknown")
@@ -193,9 +193,9 @@ def check_num_samples(n: object) -> None:
         raise InputError(f"number of samples must be a positive integer, got {n}")
 
 
-def contrast_token_map(vocab_tokens: Sequence[str], contrast: str) -> dict[int, int]:
+def contrast_token_map(vocab: Vocab, contrast: str) -> dict[int, int]:
     """Stability token id -> the contrast sequence's stability token id (see SamplingConfig.guidance)."""
-    ids = {t: i for i, t in enumerate(vocab_tokens)}
+    ids = vocab.token_to_id
     low, high, unknown = (ids[STABILITY_TOKENS[k]] for k in ("low", "high", None))
     if contrast == "opposite":
         return {low: high, high: low}
@@ -383,7 +383,7 @@ class Sampler:
         if self.config.guided:
             if parsers is None:
                 raise ValueError("guidance needs the grammar (parsers): it acts on the stability token")
-            contrast = contrast_token_map(parsers[0].vocab.tokens, self.config.guidance_contrast)
+            contrast = contrast_token_map(parsers[0].vocab, self.config.guidance_contrast)
         rows = _Rows([list(prompt) for _ in range(batch_size)], [list(prompt_values) for _ in range(batch_size)],
                      parsers, [0] * batch_size, len(prompt), max_new_tokens, contrast)
         if parsers is not None and parsers[0].done:  # the prompt is a whole sequence
