@@ -208,6 +208,7 @@ class DuplicateIndex:
         # formula -> (label, *_compact(structure)) of its only crystal so far, or None once a second has come
         self._alone: dict[str, tuple | None] = {}
         self._matcher = None
+        self._matcher_reduced: dict[Hashable, tuple] = {}  # label -> compact `_matcher_reduced` structure
 
     def __len__(self) -> int:
         """Number of representatives (distinct crystals) held."""
@@ -275,6 +276,7 @@ class DuplicateIndex:
         lengths = np.sort(form.reduced.abc)
         ratio = np.array([h[3] for h in held]) / lengths
         near = np.all((ratio < 1 + self.tolerances.ltol) & (ratio > 1 / (1 + self.tolerances.ltol)), axis=1)
+        reduced_structure = None
         for k in np.flatnonzero(near):
             label, key, atoms, _, reduced, compact = held[k]
             if key == form.key or atoms != _primitive_atoms(form):
@@ -282,7 +284,14 @@ class DuplicateIndex:
             if Lattice(reduced).find_mapping(form.reduced, self.tolerances.ltol, self.tolerances.angle_tol,
                                           skip_rotation_matrix=True) is None:
                 continue
-            if self._structure_matcher().fit(_restore(*compact), structure):
+            # StructureMatcher reduces both structures (primitive, Niggli) on every call; each one is
+            # reduced once here instead, and the held one's reduction kept for later comparisons.
+            if reduced_structure is None:
+                reduced_structure = _matcher_reduced(structure)
+            if label not in self._matcher_reduced:
+                self._matcher_reduced[label] = _compact(_matcher_reduced(_restore(*compact)))
+            if self._structure_matcher().fit(_restore(*self._matcher_reduced[label]), reduced_structure,
+                                             skip_structure_reduction=True):
                 return label
         return None
 
@@ -329,6 +338,12 @@ def _compact(structure: Structure) -> tuple:
 
 def _restore(lattice: np.ndarray, numbers: np.ndarray, coords: np.ndarray) -> Structure:
     return Structure(lattice, numbers.tolist(), coords)
+
+
+def _matcher_reduced(structure: Structure) -> Structure:
+    """The structure StructureMatcher compares (its Niggli-reduced primitive cell, as
+    `StructureMatcher.fit` reduces it unless told to skip that)."""
+    return Structure.from_sites(structure).get_reduced_structure(reduction_algo="niggli").get_primitive_structure()
 
 
 def find_duplicates(structures: Sequence[Structure | None], tolerances: MatchTolerances | None = None
