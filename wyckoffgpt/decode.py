@@ -5,7 +5,7 @@ coset, centering added by broadcasting): no per-atom Python loop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pymatgen.core import Lattice, Structure
@@ -166,14 +166,18 @@ def close_pairs(structure: Structure | tuple[Lattice, np.ndarray], threshold: fl
 
 def detected_spacegroup(structure: Structure, symprec: float = DEFAULT_SYMPREC) -> int | None:
     """International number spglib finds, or None when it finds none."""
+    data = _symmetry_dataset(structure, symprec)
+    return int(data.number) if data is not None else None
+
+
+def _symmetry_dataset(structure: Structure, symprec: float):
     import spglib
 
     cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
     try:
-        data = spglib.get_symmetry_dataset(cell, symprec=symprec)
+        return spglib.get_symmetry_dataset(cell, symprec=symprec)
     except Exception:  # spglib signals failure by exception or None depending on version
         return None
-    return int(data.number) if data is not None else None
 
 
 @dataclass
@@ -183,6 +187,9 @@ class StructureCheck:
     min_distance: float
     detected_spacegroup: int | None
     flags: list[str]
+    # spglib's dataset at the check's symprec (None when not computed or none found): the duplicate
+    # index's canonical form starts from the same call instead of repeating it.
+    symmetry: object = field(default=None, repr=False, compare=False)
 
 
 def check_structure(structure: Structure, spacegroup: int, min_dist: float = DEFAULT_MIN_DISTANCE,
@@ -193,10 +200,11 @@ def check_structure(structure: Structure, spacegroup: int, min_dist: float = DEF
     if d < min_dist:
         flags.append("too_close")
     # Symmetry of overlapping atoms means nothing (spglib may even merge them), so it is skipped.
-    found = detected_spacegroup(structure, symprec) if d > symprec else None
+    data = _symmetry_dataset(structure, symprec) if d > symprec else None
+    found = int(data.number) if data is not None else None
     if found != spacegroup and not flags:
         flags.append("spacegroup_mismatch")
-    return StructureCheck(d, found, flags)
+    return StructureCheck(d, found, flags, data)
 
 
 def find_duplicates_pairwise(structures: list[Structure | None]) -> list[int | None]:

@@ -111,12 +111,13 @@ def description_form(desc: WyckoffDescription) -> CanonicalForm:
                          Composition(Counter(species)).reduced_formula)
 
 
-def canonical_form(structure: Structure, vocab: Vocab | None = None,
-                   symprec: float = DEFAULT_SYMPREC) -> CanonicalForm | None:
-    """The form of a structure's canonical description; None when spglib cannot describe it."""
+def canonical_form(structure: Structure, vocab: Vocab | None = None, symprec: float = DEFAULT_SYMPREC,
+                   known_dataset=None) -> CanonicalForm | None:
+    """The form of a structure's canonical description; None when spglib cannot describe it.
+    `known_dataset`: spglib's dataset of the structure at `symprec`, if already computed."""
     vocab = vocab or default_vocab()
     try:
-        table, sites, lattice = describe_structure(structure, vocab, symprec)
+        table, sites, lattice = describe_structure(structure, vocab, symprec, known_dataset)
     except EncodeError:
         return None
     return description_form(WyckoffDescription("ehull:unknown", [], table, sites, lattice))
@@ -215,8 +216,8 @@ class DuplicateIndex:
         return (sum(b.size for b in self._buckets.values()) + sum(map(len, self._unkeyed.values()))
                 + sum(v is not None for v in self._alone.values()))
 
-    def form(self, structure: Structure) -> CanonicalForm | None:
-        return canonical_form(structure, self.vocab, self.symprec)
+    def form(self, structure: Structure, known_dataset=None) -> CanonicalForm | None:
+        return canonical_form(structure, self.vocab, self.symprec, known_dataset)
 
     def find(self, structure: Structure, form: CanonicalForm | None = None) -> Hashable | None:
         """Label of a held crystal equal to `structure`, or None. `form`: its canonical form, if
@@ -236,15 +237,17 @@ class DuplicateIndex:
             match = self._find_across_keys(structure, form)
         return match
 
-    def add(self, structure: Structure, label: Hashable, form: CanonicalForm | None = None) -> Hashable | None:
+    def add(self, structure: Structure, label: Hashable, form: CanonicalForm | None = None,
+            known_dataset=None) -> Hashable | None:
         """Label of a held crystal equal to `structure`; when there is none, `structure` is added as
-        a new representative under `label` and None is returned."""
+        a new representative under `label` and None is returned. `known_dataset`: spglib's dataset
+        of `structure` at the index's symprec, if already computed (saves repeating that call)."""
         formula = structure.composition.reduced_formula
         if formula not in self._alone and form is None:
             self._alone[formula] = (label, *_compact(structure))
             return None
         self._settle(formula)
-        form = form or self.form(structure)
+        form = form or self.form(structure, known_dataset)
         match = self._find(structure, form)
         if match is None:
             self._alone[formula] = None

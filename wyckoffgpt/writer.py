@@ -211,8 +211,11 @@ class _Finisher:
         for index, seq, retries in batch:
             r = finish_sample(self.tokenizer, index, seq, retries, s.sampling)
             file = write_structure(self.out, r, s.format)
-            if file and self.index.add(r.structure, r.index) is not None:
+            # The filter's spglib call serves the duplicate index too when both use one tolerance.
+            known = r.symmetry if s.sampling.symprec == self.index.symprec else None
+            if file and self.index.add(r.structure, r.index, known_dataset=known) is not None:
                 r.flags.append("duplicate")
+            r.symmetry = None
             rows.append(summary_row(r, file))
         return rows
 
