@@ -100,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", choices=FORMATS, default="cif")
     p.add_argument("--single-process", action="store_true", dest="single_process",
                    help="decode, filter and write in the sampling process (default: in a second process "
-                        "while sampling goes on, when more than one core is available)")
+                        "while sampling goes on, which also samples when it would otherwise wait, when more "
+                        "than one core is available)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (killed or stopped) from the rows it has written")
     p.add_argument("--report", type=Path, help="sweep: the table, one row per temperature (default: OUT/sweep.csv)")

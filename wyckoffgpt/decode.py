@@ -5,7 +5,7 @@ coset, centering added by broadcasting): no per-atom Python loop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pymatgen.core import Lattice, Structure
@@ -66,7 +66,7 @@ def separating_length(group: SpaceGroupTable, sites: list[Site], lattice: dict[s
 
     def dist(value: float) -> float:
         cell = lattice_from_free(system, {**lattice, name: value})
-        return min_distance(Structure(cell, species, coords))
+        return cell_min_distance(cell, cell.get_cartesian_coords(coords))
 
     if dist(lattice[name]) >= threshold:
         return lattice[name]
@@ -94,6 +94,14 @@ def to_structure(desc: WyckoffDescription) -> Structure:
     return Structure(lattice, species, coords)
 
 
+def description_cell(desc: WyckoffDescription) -> tuple[Lattice, np.ndarray]:
+    """The cell and the atoms' Cartesian coordinates (Å) of a description: what the distance checks
+    need, without building a Structure (hundreds of site objects) on the sampler's hot path."""
+    lattice = lattice_from_free(desc.group.crystal_system, desc.lattice)
+    _, coords = expand_orbits(desc.group, desc.sites)
+    return lattice, lattice.get_cartesian_coords(coords)
+
+
 # -- filters ---------------------------------------------------------------------------------------
 
 DEFAULT_MIN_DISTANCE = 0.7  # Å; closer atoms mark a physically implausible structure
@@ -109,15 +117,15 @@ def shortest_lattice_vector(lattice: Lattice) -> float:
     return float(np.linalg.norm(coeffs @ basis, axis=1).min())
 
 
-def _neighbours(structure: Structure, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _neighbours(lattice: Lattice, cart: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centers, points, distances) of all atom pairs within `radius` Å, periodic images included;
     an atom's own zero-offset copy is left out, distinct atoms on the same point are kept."""
     from pymatgen.optimization.neighbors import find_points_in_spheres
 
     # Cartesian positions are basis-independent: search in the LLL-reduced cell, whose near-orthogonal
     # basis keeps the image search small.
-    lll = np.ascontiguousarray(structure.lattice.get_lll_reduced_lattice().matrix, dtype=float)
-    cart = np.ascontiguousarray(structure.cart_coords, dtype=float)
+    lll = np.ascontiguousarray(lattice.get_lll_reduced_lattice().matrix, dtype=float)
+    cart = np.ascontiguousarray(cart, dtype=float)
     centers, points, offsets, dists = find_points_in_spheres(
         cart, cart, r=radius, pbc=np.array([1, 1, 1], dtype=np.int64), lattice=lll, tol=1e-8)
     keep = (centers != points) | np.any(offsets != 0, axis=1)
@@ -127,23 +135,30 @@ def _neighbours(structure: Structure, radius: float) -> tuple[np.ndarray, np.nda
 def min_distance(structure: Structure) -> float:
     """Smallest interatomic distance in Å over all periodic images, an atom's own images included
     (so a lone atom gives the shortest lattice vector); 0 for two atoms at the same point."""
-    self_image = shortest_lattice_vector(structure.lattice)
-    if len(structure) == 1:
+    return cell_min_distance(structure.lattice, structure.cart_coords)
+
+
+def cell_min_distance(lattice: Lattice, cart: np.ndarray) -> float:
+    """`min_distance` of atoms at Cartesian coordinates `cart` (Å) in `lattice`."""
+    self_image = shortest_lattice_vector(lattice)
+    if len(cart) == 1:
         return self_image
     # Search no farther than the own-image distance: the answer is at most that, and the radius
     # bounds the neighbour count even for flat or needle-like cells.
-    _, _, dists = _neighbours(structure, self_image * (1 + 1e-9) + 1e-9)
+    _, _, dists = _neighbours(lattice, cart, self_image * (1 + 1e-9) + 1e-9)
     return float(min(dists.min(initial=self_image), self_image))
 
 
-def close_pairs(structure: Structure, threshold: float) -> np.ndarray:
+def close_pairs(structure: Structure | tuple[Lattice, np.ndarray], threshold: float) -> np.ndarray:
     """(k, 2) sorted index pairs (i <= j) of atoms closer than `threshold` Å, periodic images
-    included; (i, i) means atom i is that close to its own image."""
-    if shortest_lattice_vector(structure.lattice) < threshold:
+    included; (i, i) means atom i is that close to its own image. `structure`: a Structure, or its
+    lattice and Cartesian coordinates (`description_cell`)."""
+    lattice, cart = (structure.lattice, structure.cart_coords) if isinstance(structure, Structure) else structure
+    if shortest_lattice_vector(lattice) < threshold:
         # Every atom clashes with its own image, and a sphere search in such a cell could return an
         # unbounded number of images.
-        return np.repeat(np.arange(len(structure))[:, None], 2, axis=1)
-    centers, points, dists = _neighbours(structure, threshold)
+        return np.repeat(np.arange(len(cart))[:, None], 2, axis=1)
+    centers, points, dists = _neighbours(lattice, cart, threshold)
     close = dists < threshold
     pairs = np.sort(np.stack([centers[close], points[close]], axis=1), axis=1)
     return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
@@ -151,14 +166,18 @@ def close_pairs(structure: Structure, threshold: float) -> np.ndarray:
 
 def detected_spacegroup(structure: Structure, symprec: float = DEFAULT_SYMPREC) -> int | None:
     """International number spglib finds, or None when it finds none."""
+    data = _symmetry_dataset(structure, symprec)
+    return int(data.number) if data is not None else None
+
+
+def _symmetry_dataset(structure: Structure, symprec: float):
     import spglib
 
     cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
     try:
-        data = spglib.get_symmetry_dataset(cell, symprec=symprec)
+        return spglib.get_symmetry_dataset(cell, symprec=symprec)
     except Exception:  # spglib signals failure by exception or None depending on version
         return None
-    return int(data.number) if data is not None else None
 
 
 @dataclass
@@ -168,6 +187,9 @@ class StructureCheck:
     min_distance: float
     detected_spacegroup: int | None
     flags: list[str]
+    # spglib's dataset at the check's symprec (None when not computed or none found): the duplicate
+    # index's canonical form starts from the same call instead of repeating it.
+    symmetry: object = field(default=None, repr=False, compare=False)
 
 
 def check_structure(structure: Structure, spacegroup: int, min_dist: float = DEFAULT_MIN_DISTANCE,
@@ -178,10 +200,11 @@ def check_structure(structure: Structure, spacegroup: int, min_dist: float = DEF
     if d < min_dist:
         flags.append("too_close")
     # Symmetry of overlapping atoms means nothing (spglib may even merge them), so it is skipped.
-    found = detected_spacegroup(structure, symprec) if d > symprec else None
+    data = _symmetry_dataset(structure, symprec) if d > symprec else None
+    found = int(data.number) if data is not None else None
     if found != spacegroup and not flags:
         flags.append("spacegroup_mismatch")
-    return StructureCheck(d, found, flags)
+    return StructureCheck(d, found, flags, data)
 
 
 def find_duplicates_pairwise(structures: list[Structure | None]) -> list[int | None]:

@@ -111,12 +111,13 @@ def description_form(desc: WyckoffDescription) -> CanonicalForm:
                          Composition(Counter(species)).reduced_formula)
 
 
-def canonical_form(structure: Structure, vocab: Vocab | None = None,
-                   symprec: float = DEFAULT_SYMPREC) -> CanonicalForm | None:
-    """The form of a structure's canonical description; None when spglib cannot describe it."""
+def canonical_form(structure: Structure, vocab: Vocab | None = None, symprec: float = DEFAULT_SYMPREC,
+                   known_dataset=None) -> CanonicalForm | None:
+    """The form of a structure's canonical description; None when spglib cannot describe it.
+    `known_dataset`: spglib's dataset of the structure at `symprec`, if already computed."""
     vocab = vocab or default_vocab()
     try:
-        table, sites, lattice = describe_structure(structure, vocab, symprec)
+        table, sites, lattice = describe_structure(structure, vocab, symprec, known_dataset)
     except EncodeError:
         return None
     return description_form(WyckoffDescription("ehull:unknown", [], table, sites, lattice))
@@ -208,14 +209,15 @@ class DuplicateIndex:
         # formula -> (label, *_compact(structure)) of its only crystal so far, or None once a second has come
         self._alone: dict[str, tuple | None] = {}
         self._matcher = None
+        self._matcher_reduced: dict[Hashable, tuple] = {}  # label -> compact `_matcher_reduced` structure
 
     def __len__(self) -> int:
         """Number of representatives (distinct crystals) held."""
         return (sum(b.size for b in self._buckets.values()) + sum(map(len, self._unkeyed.values()))
                 + sum(v is not None for v in self._alone.values()))
 
-    def form(self, structure: Structure) -> CanonicalForm | None:
-        return canonical_form(structure, self.vocab, self.symprec)
+    def form(self, structure: Structure, known_dataset=None) -> CanonicalForm | None:
+        return canonical_form(structure, self.vocab, self.symprec, known_dataset)
 
     def find(self, structure: Structure, form: CanonicalForm | None = None) -> Hashable | None:
         """Label of a held crystal equal to `structure`, or None. `form`: its canonical form, if
@@ -235,15 +237,17 @@ class DuplicateIndex:
             match = self._find_across_keys(structure, form)
         return match
 
-    def add(self, structure: Structure, label: Hashable, form: CanonicalForm | None = None) -> Hashable | None:
+    def add(self, structure: Structure, label: Hashable, form: CanonicalForm | None = None,
+            known_dataset=None) -> Hashable | None:
         """Label of a held crystal equal to `structure`; when there is none, `structure` is added as
-        a new representative under `label` and None is returned."""
+        a new representative under `label` and None is returned. `known_dataset`: spglib's dataset
+        of `structure` at the index's symprec, if already computed (saves repeating that call)."""
         formula = structure.composition.reduced_formula
         if formula not in self._alone and form is None:
             self._alone[formula] = (label, *_compact(structure))
             return None
         self._settle(formula)
-        form = form or self.form(structure)
+        form = form or self.form(structure, known_dataset)
         match = self._find(structure, form)
         if match is None:
             self._alone[formula] = None
@@ -275,6 +279,7 @@ class DuplicateIndex:
         lengths = np.sort(form.reduced.abc)
         ratio = np.array([h[3] for h in held]) / lengths
         near = np.all((ratio < 1 + self.tolerances.ltol) & (ratio > 1 / (1 + self.tolerances.ltol)), axis=1)
+        reduced_structure = None
         for k in np.flatnonzero(near):
             label, key, atoms, _, reduced, compact = held[k]
             if key == form.key or atoms != _primitive_atoms(form):
@@ -282,7 +287,14 @@ class DuplicateIndex:
             if Lattice(reduced).find_mapping(form.reduced, self.tolerances.ltol, self.tolerances.angle_tol,
                                           skip_rotation_matrix=True) is None:
                 continue
-            if self._structure_matcher().fit(_restore(*compact), structure):
+            # StructureMatcher reduces both structures (primitive, Niggli) on every call; each one is
+            # reduced once here instead, and the held one's reduction kept for later comparisons.
+            if reduced_structure is None:
+                reduced_structure = _matcher_reduced(structure)
+            if label not in self._matcher_reduced:
+                self._matcher_reduced[label] = _compact(_matcher_reduced(_restore(*compact)))
+            if self._structure_matcher().fit(_restore(*self._matcher_reduced[label]), reduced_structure,
+                                             skip_structure_reduction=True):
                 return label
         return None
 
@@ -329,6 +341,12 @@ def _compact(structure: Structure) -> tuple:
 
 def _restore(lattice: np.ndarray, numbers: np.ndarray, coords: np.ndarray) -> Structure:
     return Structure(lattice, numbers.tolist(), coords)
+
+
+def _matcher_reduced(structure: Structure) -> Structure:
+    """The structure StructureMatcher compares (its Niggli-reduced primitive cell, as
+    `StructureMatcher.fit` reduces it unless told to skip that)."""
+    return Structure.from_sites(structure).get_reduced_structure(reduction_algo="niggli").get_primitive_structure()
 
 
 def find_duplicates(structures: Sequence[Structure | None], tolerances: MatchTolerances | None = None

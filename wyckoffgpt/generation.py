@@ -80,6 +80,8 @@ class GeneratedCrystal:
     error: str | None = None
     retries: int = 0  # how often the sampler sent this sequence back (clashes, failed charge check)
     charge_balanced: bool | None = None
+    # spglib's dataset from the filter (at the config's symprec), for the duplicate index (the writer drops it)
+    symmetry: Any = field(default=None, repr=False, compare=False)
 
     @property
     def distance_valid(self) -> bool:
@@ -405,7 +407,8 @@ def _result(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, tempe
                                 f"distance/symmetry check failed: {_first_line(e)}",
                                 charge_balanced=smact_valid(structure.composition))
     return GeneratedCrystal(index, seq, structure, sg, check.detected_spacegroup, check.min_distance,
-                            temperature, check.flags, charge_balanced=smact_valid(structure.composition))
+                            temperature, check.flags, charge_balanced=smact_valid(structure.composition),
+                            symmetry=check.symmetry)
 
 
 def mark_duplicates(results: list[GeneratedCrystal]) -> None:

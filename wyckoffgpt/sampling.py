@@ -49,9 +49,9 @@ from .decode import (
     DEFAULT_SYMPREC,
     SEPARABLE,
     close_pairs,
+    description_cell,
     separating_length,
     shortest_lattice_vector,
-    to_structure,
 )
 from .descriptions import description_composition
 from .grammar import DecodeError, SequenceParser, WyckoffDescription
@@ -231,12 +231,12 @@ def resume_point(parser: SequenceParser, threshold: float) -> int | None:
     the cell is too small for even one atom; None when nothing clashes."""
     desc = parser.description()
     try:
-        structure = to_structure(desc)
+        lattice, cart = description_cell(desc)
     except DecodeError:
         return None  # left to the decoder's own error report
-    if shortest_lattice_vector(structure.lattice) < threshold:
+    if shortest_lattice_vector(lattice) < threshold:
         return parser.lattice_start
-    pairs = close_pairs(structure, threshold)
+    pairs = close_pairs((lattice, cart), threshold)
     if not len(pairs):
         return None
     site_of_atom = np.repeat(np.arange(len(desc.sites)), [s.position.multiplicity for s in desc.sites])

@@ -34,14 +34,15 @@ class EncodeError(ValueError):
     """A structure that cannot be written as a sequence; the message names the problem."""
 
 
-def symmetry_dataset(structure: Structure, symprec: float, vocab: Vocab):
-    """spglib dataset in the setting of our tables, with the documented symprec fallback."""
+def symmetry_dataset(structure: Structure, symprec: float, vocab: Vocab, known=None):
+    """spglib dataset in the setting of our tables, with the documented symprec fallback. `known`:
+    spglib's dataset of this structure at `symprec` if already at hand (default: computed here)."""
     cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
     with warnings.catch_warnings():
         # spglib 2.x warns on every call that returns None; None is the case we handle here.
         warnings.simplefilter("ignore", DeprecationWarning)
         for sp in (symprec, symprec / 10, symprec * 10):
-            data = spglib.get_symmetry_dataset(cell, symprec=sp)
+            data = known if sp == symprec and known is not None else spglib.get_symmetry_dataset(cell, symprec=sp)
             if data is None:
                 continue
             table = vocab.group(data.number)
@@ -212,13 +213,14 @@ def canonical_sites(table: SpaceGroupTable, orbits: Orbits) -> list[tuple]:
     return sites
 
 
-def describe_structure(structure: Structure, vocab: Vocab, symprec: float = 0.01):
-    """(space group table, canonical sites, free lattice parameters) of an ordered structure."""
+def describe_structure(structure: Structure, vocab: Vocab, symprec: float = 0.01, known_dataset=None):
+    """(space group table, canonical sites, free lattice parameters) of an ordered structure.
+    `known_dataset`: see `symmetry_dataset`."""
     if not structure.is_ordered:
         raise EncodeError("structure has partial occupancies; only ordered structures can be encoded")
     if len(structure) == 0:
         raise EncodeError("structure has no atoms")
-    data, table = symmetry_dataset(structure, symprec, vocab)
+    data, table = symmetry_dataset(structure, symprec, vocab, known_dataset)
     sites = canonical_sites(table, _std_orbits(data, structure))
     out = [Site(pos, vocab.z_symbol[z], [float(x) for x in free]) for pos, z, free in sites]
     a, b, c, alpha, beta, gamma = Lattice(data.std_lattice).parameters

@@ -9,7 +9,9 @@ subfolders of at most SHARD_SIZE files (`0000/00012_CaAlCu_sg191.cif`). Memory h
 duplicate index (`duplicates.DuplicateIndex`, grown one structure at a time) and counters.
 
 Both cores: the main process samples (the model) while one worker process decodes, filters,
-writes the structure files and keeps the duplicate index, a batch behind, and hands back the rows.
+writes the structure files and keeps the duplicate index, a batch behind, and hands back the rows;
+whenever the worker has nothing to finish it draws the next batch itself (`_Claims`), so both cores
+sample when finishing is the lighter side. The rows do not depend on which process drew a batch.
 
 Resume: batch b is drawn from its own random stream (`generation.batch_seed`), so a run killed at
 any point continues with `resume=True` from the rows it had written: the summary is cut back to
@@ -24,11 +26,10 @@ import io
 import json
 import multiprocessing
 import os
+import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,19 +211,55 @@ class _Finisher:
         for index, seq, retries in batch:
             r = finish_sample(self.tokenizer, index, seq, retries, s.sampling)
             file = write_structure(self.out, r, s.format)
-            if file and self.index.add(r.structure, r.index) is not None:
+            # The filter's spglib call serves the duplicate index too when both use one tolerance.
+            known = r.symmetry if s.sampling.symprec == self.index.symprec else None
+            if file and self.index.add(r.structure, r.index, known_dataset=known) is not None:
                 r.flags.append("duplicate")
+            r.symmetry = None
             rows.append(summary_row(r, file))
         return rows
 
 
-_WORKER: _Finisher | None = None
+class _Claims:
+    """The batches still to draw, handed out in order to whichever process asks first: the sampler,
+    or the worker when it has nothing to finish (so both cores sample when finishing is the lighter
+    side). Any process can draw any batch (its own random stream), so who draws it does not change
+    the rows."""
+
+    def __init__(self, context, total: int):
+        self.total = total
+        self._next = context.Value("i", 0)
+
+    def claim(self) -> int | None:
+        """Position in the run's batch list of the next batch to draw, or None when all are taken."""
+        with self._next.get_lock():
+            k = self._next.value
+            if k >= self.total:
+                return None
+            self._next.value = k + 1
+            return k
 
 
-def _init_worker(*args) -> None:
-    global _WORKER
-    _WORKER = _Finisher(*args)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+def _worker_loop(draw: Callable[[int], list] | None, todo: list[int], claims: _Claims, finisher_args: tuple,
+                 inbox, outbox, parent: int) -> None:
+    """The worker process: finish the batches in index order (the duplicate index sees them in
+    order), each drawn by the sampler (arriving in `inbox`) or, while the next one in order is not
+    there yet, by itself (`draw`; None: it only finishes). One message per batch in `outbox`."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    try:
+        finish = _Finisher(*finisher_args)
+        drawn: dict[int, list] = {}
+        for b in todo:
+            while b not in drawn:
+                k = claims.claim() if draw is not None and inbox.empty() else None
+                if k is not None:
+                    drawn[todo[k]] = draw(todo[k])
+                else:
+                    got, batch = inbox.get()
+                    drawn[got] = batch
+            outbox.put(("rows", finish(drawn.pop(b))))
+    except BaseException as e:  # handed to the sampler, which raises it
+        outbox.put(("error", e))
 
 
 def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
@@ -230,10 +267,6 @@ def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
     while os.getppid() == parent:
         time.sleep(poll_s)
     os._exit(1)
-
-
-def _finish_in_worker(batch: list) -> list[dict]:
-    return _WORKER(batch)
 
 
 # -- the main process's side -------------------------------------------------------------------------
@@ -321,8 +354,8 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
               worker: bool | None = None, on_finished: Callable[[int], None] | None = None,
               share: Share | None = None) -> RunCounts:
     """Sample `settings.n` crystals into folder `out` (see the module docstring). `worker`: decode,
-    filter and write in a second process while this one samples (default: when more than one core
-    is available per process). `share`: this process's part of a run made by several (default: from
+    filter and write in a second process while this one samples, that process drawing batches too
+    when it is idle (default: when more than one core is available per process). `share`: this process's part of a run made by several (default: from
     the environment torchrun sets); rank 0 returns the whole run's counts, the others their own."""
     out = Path(out)
     share = share or Share.from_env()
@@ -349,23 +382,22 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
         on_finished(len(writer.done))
     finisher_args = (gen.vocab, s, out, writer.index)
     use_worker = default_worker(share.world) if worker is None else worker
-    pool = _pool(finisher_args) if use_worker else None
+
+    def draw(b: int) -> list:
+        batch = next(gen.iter_batches(s.n, config=s.sampling, batches=[b], **conditions))
+        return [item for item in batch if item[0] not in writer.done]
+
     try:
-        pending: deque[Future | list] = deque()
-        finish = _Finisher(*finisher_args) if pool is None else None
-        batches = gen.iter_batches(s.n, config=s.sampling, batches=todo, on_finished=on_finished, **conditions)
-        for batch in batches:
-            batch = [item for item in batch if item[0] not in writer.done]
-            pending.append(finish(batch) if pool is None else pool.submit(_finish_in_worker, batch))
-            # The worker runs a batch behind the sampler; more in flight would only hold memory.
-            while len(pending) > 1 or (pending and isinstance(pending[0], list)):
-                _drain(pending.popleft(), writer)
-        while pending:
-            _drain(pending.popleft(), writer)
+        if use_worker:
+            _run_with_worker(draw, todo, finisher_args, writer, on_finished)
+        else:
+            finish = _Finisher(*finisher_args)
+            for batch in gen.iter_batches(s.n, config=s.sampling, batches=todo, on_finished=on_finished,
+                                          **conditions):
+                for row in finish([item for item in batch if item[0] not in writer.done]):
+                    writer.write(row)
     finally:
         writer.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
     gen.last_seed = s.sampling.seed
     if share.world == 1:
         return writer.counts
@@ -411,20 +443,55 @@ def merge_parts(out: Path, world: int, vocab: Vocab | None = None, poll_s: float
     return counts
 
 
-def _drain(item: Future | list, writer: RunWriter) -> None:
-    for row in (item.result() if isinstance(item, Future) else item):
-        writer.write(row)
-
-
-def _pool(finisher_args: tuple) -> ProcessPoolExecutor:
-    # One worker: it holds the duplicate index and takes the batches in order.
-    # fork: the worker inherits the imported modules instead of importing them again on a busy
-    # core; it is started at once, before the sampler's first forward pass starts torch's threads.
+def _run_with_worker(draw: Callable[[int], list], todo: list[int], finisher_args: tuple, writer: RunWriter,
+                     on_finished: Callable[[int], None] | None, poll_s: float = 1.0) -> None:
+    """Draw batches here while one worker process finishes them (and draws batches too when it
+    would otherwise wait); write the rows it hands back, in index order."""
+    # fork: the worker inherits the loaded model and the imported modules instead of loading them
+    # again on a busy core; it is started at once, before the sampler's first forward pass starts
+    # torch's threads. Without fork (spawn), the worker only finishes.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
-                               initializer=_init_worker, initargs=finisher_args)
-    pool.submit(int).result()
-    return pool
+    context = multiprocessing.get_context(method)
+    claims = _Claims(context, len(todo))
+    inbox, outbox = context.SimpleQueue(), context.Queue()
+    proc = context.Process(target=_worker_loop, daemon=True,
+                           args=(draw if method == "fork" else None, todo, claims, finisher_args, inbox, outbox,
+                                 os.getpid()))
+    proc.start()
+    received = 0
+
+    def receive(block: bool) -> bool:
+        nonlocal received
+        while True:
+            try:
+                kind, payload = outbox.get(timeout=poll_s) if block else outbox.get_nowait()
+            except queue.Empty:
+                if block and proc.is_alive():
+                    continue
+                if block:
+                    raise RuntimeError(f"the worker process ended (exit code {proc.exitcode}) before the run was done")
+                return False
+            if kind == "error":
+                raise payload
+            for row in payload:
+                writer.write(row)
+            received += 1
+            if on_finished is not None:
+                on_finished(len(payload))
+            return True
+
+    try:
+        while (k := claims.claim()) is not None:
+            inbox.put((todo[k], draw(todo[k])))
+            while receive(block=False):
+                pass
+        while received < len(todo):
+            receive(block=True)
+        proc.join()
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
 
 
 def default_worker(processes: int = 1) -> bool:
