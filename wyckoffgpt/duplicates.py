@@ -129,10 +129,12 @@ class _Bucket:
     def __init__(self, form: CanonicalForm):
         self.size = 0
         self.labels: list[Hashable] = []
-        self.reduced = np.empty((4, 3, 3))  # Niggli-reduced primitive cells, as arrays (a Lattice weighs ~1 kB)
-        self.lattice = np.empty((4, 3, 3))
-        self.shape = np.empty((4, 6))
-        self.coords = np.empty((4,) + form.coords.shape)
+        # One slot to start with: most keys never hold a second crystal, and a run's index holds
+        # thousands of keys.
+        self.reduced = np.empty((1, 3, 3))  # Niggli-reduced primitive cells, as arrays (a Lattice weighs ~1 kB)
+        self.lattice = np.empty((1, 3, 3))
+        self.shape = np.empty((1, 6))
+        self.coords = np.empty((1,) + form.coords.shape)
         # Atoms that may be partners: same element (one key, so one species list for all members).
         self.other_species = form.species[:, None] != form.species[None, :]
 
