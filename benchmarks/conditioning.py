@@ -1,10 +1,13 @@
 """Does the stability token deliver? `--ehull low` against `high` and unconditioned, per chemical system.
 
     python benchmarks/conditioning.py [--model DIR] [--systems Al-Ca-Cu Ca-Mn-O Ce-In-Pd Ba-O-Ti]
-                                      [-n 50] [--temperature 1.0] [--guidance W ...] [--seed 0]
+                                      [-n 50] [--temperature 1.0] [--guidance W ...]
+                                      [--guidance-contrast opposite|unknown] [--seed 0]
                                       [--workers 2] [--log conditioning.jsonl] [--out conditioning.json]
 
-    python benchmarks/conditioning.py --systems Al-Ca-Cu -n 20 --guidance 1 3   # guidance against none
+    python benchmarks/conditioning.py --systems Al-Ca-Cu -n 20 --guidance 1 3   # guidance against the other class
+    python benchmarks/conditioning.py -n 20 --guidance 1 2 4 --guidance-contrast unknown   # a model trained with
+                                                                                   # stability_dropout
 
 For each chemical system, n samples per stability class (`low`, `high`, and `none`: the model picks
 the class itself) are drawn with that system's elements, relaxed with CHGNet and scored against the
@@ -20,30 +23,33 @@ import argparse
 
 import screening
 
-from wyckoffgpt.sampling import SamplingConfig
+from wyckoffgpt.sampling import GUIDANCE_CONTRASTS, SamplingConfig
 
 SYSTEMS = ("Al-Ca-Cu", "Ca-Mn-O", "Ce-In-Pd", "Ba-O-Ti")
 
 
-def arm_name(system: str, ehull: str, w: float) -> str:
-    return f"{system}/{ehull}" if w == 1 else f"{system}/{ehull}/w{w:g}"
+def arm_name(system: str, ehull: str, w: float, contrast: str = "opposite") -> str:
+    # The contrast is in the name so that a log of one contrast never resumes a run of the other.
+    if w == 1:
+        return f"{system}/{ehull}"
+    return f"{system}/{ehull}/w{w:g}" + ("" if contrast == "opposite" else f"-vs-{contrast}")
 
 
-def arms(system: str, weights: list[float]) -> list[tuple[str, str | None, float | None]]:
+def arms(system: str, weights: list[float], contrast: str = "opposite") -> list[tuple[str, str | None, float | None]]:
     """(name, ehull, guidance) of one system's arms: low and high at each guidance weight, and none
     (the model draws the class; guidance does not apply)."""
-    out = [(arm_name(system, c, w), c, w) for w in weights for c in ("low", "high")]
+    out = [(arm_name(system, c, w, contrast), c, w) for w in weights for c in ("low", "high")]
     return out + [(f"{system}/none", None, None)]
 
 
-def verdicts(report: dict, systems: list[str], weights: list[float]) -> dict[str, dict]:
+def verdicts(report: dict, systems: list[str], weights: list[float], contrast: str = "opposite") -> dict[str, dict]:
     """Per system and guidance weight: low's median below high's, and low's within-0.1 share >= 1.5x high's."""
     out = {}
     for system, w in ((s, w) for s in systems for w in weights):
-        low, high = (report["conditions"][arm_name(system, c, w)] for c in ("low", "high"))
+        low, high = (report["conditions"][arm_name(system, c, w, contrast)] for c in ("low", "high"))
         m_low, m_high = low["median_e_above_hull"], high["median_e_above_hull"]
         s_low, s_high = low["within_0.1_of_scored"], high["within_0.1_of_scored"]
-        out[arm_name(system, "low/high", w)] = {"lower_median": None if m_low is None or m_high is None else m_low < m_high,
+        out[arm_name(system, "low/high", w, contrast)] = {"lower_median": None if m_low is None or m_high is None else m_low < m_high,
                        "share_ratio": None if not s_high or s_low is None else s_low / s_high,
                        "share_1.5x": None if s_low is None or s_high is None else s_low >= 1.5 * s_high}
     return out
@@ -56,11 +62,16 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[SamplingConfig.guidance], metavar="W",
                    help="classifier-free guidance weights of the stability token (SamplingConfig.guidance): "
                         "low and high are drawn at each (default: 1, off)")
+    p.add_argument("--guidance-contrast", choices=GUIDANCE_CONTRASTS, default=SamplingConfig.guidance_contrast,
+                   help="stability token of the guidance's contrast sequence (SamplingConfig.guidance_contrast); "
+                        "'unknown' needs a model trained with stability_dropout")
     args = p.parse_args()
-    conditions = [screening.Condition(name, tuple(system.split("-")), ehull, w)
-                  for system in args.systems for name, ehull, w in arms(system, args.guidance)]
-    report = screening.run_from_args(args, "conditioning", conditions, systems=args.systems, guidance=args.guidance)
-    report["verdicts"] = verdicts(report, args.systems, args.guidance)
+    contrast = args.guidance_contrast
+    conditions = [screening.Condition(name, tuple(system.split("-")), ehull, w, None if w is None else contrast)
+                  for system in args.systems for name, ehull, w in arms(system, args.guidance, contrast)]
+    report = screening.run_from_args(args, "conditioning", conditions, systems=args.systems, guidance=args.guidance,
+                                     guidance_contrast=contrast)
+    report["verdicts"] = verdicts(report, args.systems, args.guidance, contrast)
     print(screening.table(report))
     print()
     print("| system / guidance | low median < high median | within-0.1 share low / high | >= 1.5x |")

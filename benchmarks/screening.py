@@ -46,6 +46,7 @@ class Condition:
     elements: tuple[str, ...] | None = None
     ehull: str | None = None
     guidance: float | None = None
+    guidance_contrast: str | None = None  # None: SamplingConfig's default
 
 
 def draw(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, temperature: float,
@@ -54,6 +55,7 @@ def draw(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, tempera
     out = {}
     for c in conditions:
         extra = {} if c.guidance is None else {"guidance": c.guidance}
+        extra |= {} if c.guidance_contrast is None else {"guidance_contrast": c.guidance_contrast}
         out[c.name] = gen.generate(n, elements=list(c.elements) if c.elements else None, ehull=c.ehull,
                                    temperature=temperature, seed=seed, **extra)
     return out

@@ -164,3 +164,16 @@ def test_csp_summary_counts_first_candidate_for_k1_and_best_match_for_k():
     assert s["match_rate_k1"] == pytest.approx(1 / 3) and s["match_rate_k3"] == pytest.approx(2 / 3)
     assert s["rms_k1"] == pytest.approx(0.3) and s["rms_k3"] == pytest.approx((0.1 + 0.3) / 2)
     assert s["seconds_per_formula"] == pytest.approx(2.0)
+
+
+def test_guided_arms_name_their_contrast_so_one_log_never_resumes_the_other(monkeypatch):
+    from scripts import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # conditioning.py imports its sibling screening.py
+    conditioning = load_script("benchmarks/conditioning.py")
+    opposite = {name for name, *_ in conditioning.arms("Al-Ca-Cu", [1, 3])}
+    unknown = {name for name, *_ in conditioning.arms("Al-Ca-Cu", [1, 3], "unknown")}
+    # Unguided arms do not depend on the contrast, so they are shared; guided ones never are.
+    assert opposite & unknown == {"Al-Ca-Cu/low", "Al-Ca-Cu/high", "Al-Ca-Cu/none"}
+    assert {"Al-Ca-Cu/low/w3", "Al-Ca-Cu/high/w3"} <= opposite
+    assert {"Al-Ca-Cu/low/w3-vs-unknown", "Al-Ca-Cu/high/w3-vs-unknown"} <= unknown
