@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -32,16 +33,16 @@ from wyckoffgpt.atomic import atomic_write
 from wyckoffgpt.data import write_dataset
 from wyckoffgpt.structure_io import InputError, iter_records, parse_structure
 from wyckoffgpt.symmetry import EncodeError
-from wyckoffgpt.tokenizer import CrystalTokenizer
+from wyckoffgpt.tokenizer import STABILITY_THRESHOLD, CrystalTokenizer
 
 _TOKENIZER: CrystalTokenizer | None = None
 _OPTS: dict = {}
 
 
-def _init(symprec: float, max_sites: int, keep_p1: bool) -> None:
+def _init(symprec: float, max_sites: int, keep_p1: bool, stability_threshold: float) -> None:
     global _TOKENIZER
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _TOKENIZER = CrystalTokenizer(symprec=symprec)
+    _TOKENIZER = CrystalTokenizer(symprec=symprec, stability_threshold=stability_threshold)
     _OPTS.update(max_sites=max_sites, keep_p1=keep_p1)
 
 
@@ -111,15 +112,19 @@ def system_split(systems: list[str], seed: int, val_fraction: float, test_fracti
 def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, workers: int | None = None,
             seed: int = 0, val_fraction: float = 0.1, symprec: float = 0.01, max_sites: int = 20,
             keep_p1: bool = False, progress: bool = True, split: str = "random",
-            test_fraction: float | None = None) -> dict:
+            test_fraction: float | None = None, stability_threshold: float = STABILITY_THRESHOLD) -> dict:
     """Tokenize `input_path` into the dataset folder `out`; returns the report. `split`: "random"
-    or "system" (see the module docstring); `test_fraction` default 0 for random, 0.1 for system."""
+    or "system" (see the module docstring); `test_fraction` default 0 for random, 0.1 for system.
+    `stability_threshold` (eV/atom): rows with e_above_hull below it are `ehull:low`, the others
+    `ehull:high`; recorded in the dataset's meta.json."""
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if test_fraction is None:
         test_fraction = 0.1 if split == "system" else 0.0
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise InputError(f"fractions must be in [0, 1) with a sum below 1 (val {val_fraction}, test {test_fraction})")
+    if not (math.isfinite(stability_threshold) and stability_threshold >= 0):
+        raise InputError(f"stability threshold must be a number >= 0 eV/atom, got {stability_threshold}")
     from tqdm import tqdm
 
     records = iter_records(input_path, limit)
@@ -131,7 +136,7 @@ def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, w
     workers = workers or os.cpu_count() or 1
     kept, skipped, read = [], Counter(), 0
     stability = Counter()
-    with Pool(workers, initializer=_init, initargs=(symprec, max_sites, keep_p1)) as pool:
+    with Pool(workers, initializer=_init, initargs=(symprec, max_sites, keep_p1, stability_threshold)) as pool:
         for status, payload in tqdm(pool.imap(process, records, chunksize=32), disable=not progress,
                                     desc="tokenizing", unit="row", mininterval=1.0):
             read += 1
@@ -148,7 +153,7 @@ def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, w
         index = random_split(len(kept), seed, val_fraction, test_fraction)
     splits = {k: [kept[i] for i in v] for k, v in index.items()}
     meta = {**CrystalTokenizer().vocab.model_fields(), "source": str(input_path), "seed": seed,
-            "split": split, "material_ids": {k: [p[0] for p in v] for k, v in splits.items()}}
+            "split": split, "stability_threshold": stability_threshold, "material_ids": {k: [p[0] for p in v] for k, v in splits.items()}}
     write_dataset(out, {k: [(p[1], p[2]) for p in v] for k, v in splits.items()}, meta)
     lengths = np.array([len(p[1]) for p in kept])
     edges = list(range(0, int(lengths.max()) + 11, 10))
@@ -160,7 +165,7 @@ def prepare(input_path: str | Path, out: str | Path, limit: int | None = None, w
         "structures_by_elements": {k: dict(sorted(Counter(p[6].count("-") + 1 for p in v).items()))
                                    for k, v in splits.items()},
         "systems": {k: len({p[6] for p in v}) for k, v in splits.items()},
-        "stability": dict(stability), "max_sites": max_sites,
+        "stability": dict(stability), "stability_threshold": stability_threshold, "max_sites": max_sites,
         "sites_max": int(max(p[3] for p in kept)), "length_max": int(lengths.max()),
         "length_median": float(np.median(lengths)),
         "length_histogram": {f"{lo}-{lo + 9}": int(c) for lo, c in zip(edges[:-1], hist) if c},
@@ -210,12 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--symprec", type=float, default=0.01, help="spglib tolerance, Å")
     parser.add_argument("--max-sites", type=int, default=20, help="skip crystals with more Wyckoff sites")
     parser.add_argument("--keep-p1", action="store_true", help="keep structures without symmetry (P1)")
+    parser.add_argument("--stability-threshold", type=float, default=STABILITY_THRESHOLD, metavar="EV",
+                        help="e_above_hull (eV/atom) below which a row is ehull:low, at or above ehull:high "
+                             f"(default {STABILITY_THRESHOLD})")
     args = parser.parse_args(argv)
     try:
         check_arguments(args)
         report = prepare(args.input, args.out, args.limit, args.workers, args.seed, val_fraction=args.val_fraction,
                          symprec=args.symprec, max_sites=args.max_sites, keep_p1=args.keep_p1, split=args.split,
-                         test_fraction=args.test_fraction)
+                         test_fraction=args.test_fraction, stability_threshold=args.stability_threshold)
     except (InputError, OSError) as exc:
         print(f"prepare.py: error: {exc}", file=sys.stderr)
         return 2

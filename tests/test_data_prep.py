@@ -153,3 +153,18 @@ def test_bad_split_fractions_are_one_line_errors(tmp_path):
     proc = run_prepare("--input", str(SLICE), "--out", str(tmp_path / "x"), "--split", "system",
                        "--val-fraction", "0.6", "--test-fraction", "0.5")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "fractions" in proc.stderr
+
+
+def test_stability_threshold_sets_the_class_boundary_and_is_recorded(tmp_path):
+    out = tmp_path / "hull"
+    proc = run_prepare("--input", str(SLICE), "--out", str(out), "--limit", "40", "--stability-threshold", "0.001")
+    assert proc.returncode == 0, proc.stderr
+    meta, report = load_meta(out), json.loads((out / "report.json").read_text())
+    kept = set().union(*map(set, meta["material_ids"].values()))
+    e = pd.read_csv(SLICE).head(40).set_index("material_id").loc[sorted(kept), "e_above_hull"]
+    # Only crystals on the hull (within 1 meV/atom) are ehull:low now.
+    assert report["stability"].get("ehull:low", 0) == int((e < 0.001).sum()) > 0
+    assert report["stability"].get("ehull:high", 0) == int((e >= 0.001).sum()) > 0
+    assert meta["stability_threshold"] == report["stability_threshold"] == 0.001
+    bad = run_prepare("--input", str(SLICE), "--out", str(tmp_path / "bad"), "--stability-threshold", "-1")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "stability threshold" in bad.stderr

@@ -72,6 +72,11 @@ class CrystalSequence:
         return cls.from_tokens(tokens, values, vocab)
 
 
+# e_above_hull (eV/atom) below which a crystal is `ehull:low`: MP-20 keeps crystals within 0.08 of the
+# hull, so its rows are nearly all low, and the MPTS-52 rows above this give the high class.
+STABILITY_THRESHOLD = 0.075
+
+
 class CrystalTokenizer:
     """Encodes ordered crystal structures as canonical Wyckoff token sequences and back.
 
@@ -79,7 +84,8 @@ class CrystalTokenizer:
     atom-permuted or supercell copy gives the same tokens (see `symmetry.py` for how).
     """
 
-    def __init__(self, vocab: Vocab | None = None, stability_threshold: float = 0.075, symprec: float = 0.01):
+    def __init__(self, vocab: Vocab | None = None, stability_threshold: float = STABILITY_THRESHOLD,
+                 symprec: float = 0.01):
         self.vocab = vocab or default_vocab()
         self.stability_threshold = stability_threshold
         self.symprec = symprec
