@@ -91,7 +91,7 @@ def test_train_exports_loadable_safetensors_model(dataset, tmp_path):
     model = AutoModel.from_pretrained(out)
     assert model.config.vocab_hash == VOCAB["vocab_hash"]
     card = (out / "README.md").read_text()
-    assert str(dataset) in card and "Best validation loss: loss" in card
+    assert str(dataset) in card and "Best validation loss: loss" in card and "Stability classes: `ehull:low` below" in card
     rows = log_rows(out)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[2]["val_loss"] and float(rows[-1]["tokens_per_s"]) > 0

@@ -481,6 +481,13 @@ def evaluate(acc: Accelerator, model, dataset: SequenceDataset, batch_size: int,
 # Model card and export
 
 
+def _stability_classes(meta: dict) -> str:
+    """The card's sentence on what `ehull:low` meant in the training data."""
+    threshold = meta.get("stability_threshold")
+    boundary = f"{threshold:g} eV/atom" if threshold is not None else "the threshold of data_prep/prepare.py"
+    return f"Stability classes: `ehull:low` below {boundary} above the hull, `ehull:high` at or above it."
+
+
 def _model_card(cfg: TrainConfig, meta: dict, config: WyckoffGPTConfig, n_params: int, summary: dict) -> str:
     def fmt(d: dict | None) -> str:
         return ", ".join(f"{k} {v:.4f}" for k, v in d.items()) if d else "n/a"
@@ -526,7 +533,8 @@ first, which registers the model with the Auto classes).
 
 ## Training data
 
-`{cfg.data_dir}` ({meta['splits'].get('train', 0)} training / {meta['splits'].get('val', 0)} validation sequences).
+`{cfg.data_dir}` ({meta['splits'].get('train', 0)} training / {meta['splits'].get('val', 0)} validation sequences,
+{meta.get('split', 'random')} split). {_stability_classes(meta)}
 The licence of the model follows that of its training data.
 
 ## Limitations
