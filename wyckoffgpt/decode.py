@@ -170,12 +170,18 @@ def detected_spacegroup(structure: Structure, symprec: float = DEFAULT_SYMPREC) 
     return int(data.number) if data is not None else None
 
 
+def spglib_cell(structure: Structure) -> tuple:
+    """The (lattice, fractional coordinates, atomic numbers) cell spglib reads. One builder for the
+    filter and the tokenizer (`symmetry.symmetry_dataset`): the filter's dataset is handed on to the
+    duplicate index's canonical form, which is only right when both read the same cell."""
+    return structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure]
+
+
 def _symmetry_dataset(structure: Structure, symprec: float):
     import spglib
 
-    cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
     try:
-        return spglib.get_symmetry_dataset(cell, symprec=symprec)
+        return spglib.get_symmetry_dataset(spglib_cell(structure), symprec=symprec)
     except Exception:  # spglib signals failure by exception or None depending on version
         return None
 

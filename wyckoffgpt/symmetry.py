@@ -23,6 +23,7 @@ import numpy as np
 import spglib
 from pymatgen.core import Lattice, Structure
 
+from .decode import spglib_cell
 from .grammar import Site
 from .vocab import SpaceGroupTable, Vocab, WyckoffPosition
 
@@ -37,7 +38,7 @@ class EncodeError(ValueError):
 def symmetry_dataset(structure: Structure, symprec: float, vocab: Vocab, known=None):
     """spglib dataset in the setting of our tables, with the documented symprec fallback. `known`:
     spglib's dataset of this structure at `symprec` if already at hand (default: computed here)."""
-    cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
+    cell = spglib_cell(structure)
     with warnings.catch_warnings():
         # spglib 2.x warns on every call that returns None; None is the case we handle here.
         warnings.simplefilter("ignore", DeprecationWarning)
