@@ -110,3 +110,25 @@ def test_parts_of_several_processes_merge_into_the_one_process_summary(model_dir
         write_run(gen, RunSettings.from_dict(settings), tmp_path / "three", worker=False, share=Share(rank, 3))
     assert rows(tmp_path / "three") == rows(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "three").iterdir() if p.is_file()) == ["run.json", "summary.csv"]
+
+
+def test_merge_decides_duplicates_again_across_parts_instead_of_keeping_a_ranks_verdict(model_dir, tmp_path):
+    # Equality within tolerances is not transitive, so a rank's own duplicate verdict can differ from
+    # the one-process verdict; the merge must give the one-process summary whatever a part says.
+    from wyckoffgpt.writer import Share
+
+    gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
+    settings = {"n": 16, "elements": ["Na", "Cl"], "seed": 6, "batch_size": 4}
+    write_run(gen, RunSettings.from_dict(settings), tmp_path / "one", worker=False, share=Share(0, 1))
+    write_run(gen, RunSettings.from_dict(settings), tmp_path / "two", worker=False, share=Share(1, 2))
+    part = tmp_path / "two" / Share(1, 2).part
+    with open(part, newline="") as f:
+        part_rows = list(csv.DictReader(f))
+    unique = next(r for r in part_rows if r["file"] and "duplicate" not in r["flags"])
+    unique["flags"] = "duplicate"  # a verdict the one-process run does not reach
+    with open(part, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(part_rows[0]))
+        w.writeheader()
+        w.writerows(part_rows)
+    write_run(gen, RunSettings.from_dict(settings), tmp_path / "two", worker=False, share=Share(0, 2))
+    assert rows(tmp_path / "two") == rows(tmp_path / "one")

@@ -407,8 +407,8 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
 
 def merge_parts(out: Path, world: int, vocab: Vocab | None = None, poll_s: float = 0.2) -> RunCounts:
     """Rank 0: wait for every rank's finished part, then write one summary.csv in index order with
-    duplicates flagged across the parts (a row its own rank found a duplicate stays one), and
-    remove the parts."""
+    duplicates decided across the parts (as one process would have decided them), and remove the
+    parts."""
     parts = [out / Share(r, world).part for r in range(world)]
     while not all(Path(f"{p}.done").exists() for p in parts):
         time.sleep(poll_s)
@@ -424,10 +424,14 @@ def merge_parts(out: Path, world: int, vocab: Vocab | None = None, poll_s: float
         files = [open(p, newline="") for p in parts]
         try:
             for row in heapq.merge(*map(csv.DictReader, files), key=lambda r: int(r["index"])):
-                if row["file"] and "duplicate" not in row["flags"]:
+                if row["file"]:
+                    # Decided again over all parts in index order, as one process decides: a rank's own
+                    # verdict can differ (duplicate-of is not transitive within tolerances).
+                    flags = [f for f in row["flags"].split("|") if f and f != "duplicate"]
                     structure = tokenizer.decode(CrystalSequence.from_string(row["sequence"], tokenizer.vocab))
                     if index.add(structure, int(row["index"])) is not None:
-                        row["flags"] = f"{row['flags']}|duplicate" if row["flags"] else "duplicate"
+                        flags.append("duplicate")
+                    row["flags"] = "|".join(flags)
                 merged.writerow(row)
                 counts.add(row)
         finally:
