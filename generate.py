@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    dest="guidance_contrast",
                    help=f"--guidance: the contrast sequence's stability token (default {default.guidance_contrast}: "
                         "the other class; 'unknown': ehull:unknown, for models trained with stability_dropout)")
+    p.add_argument("--analogues", type=int, default=default.analogues, metavar="K",
+                   help="with --elements or --formula: draw --analogue-share of the samples in the systems made by "
+                        "replacing one element with one of its K nearest in Mendeleev number, then substitute "
+                        f"the element back (default {default.analogues}: off)")
+    p.add_argument("--analogue-share", type=float, default=default.analogue_share, dest="analogue_share",
+                   metavar="F", help=f"--analogues: fraction of the samples drawn in analogue systems "
+                                     f"(default {default.analogue_share})")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
     p.add_argument("--single-process", action="store_true", dest="single_process",

@@ -1,7 +1,8 @@
 """Crystal structure prediction from an exact formula, on structures a model was not trained on.
 
     python benchmarks/csp.py --data runs/data [--split val] [--n 200] [--k 20] [--model DIR]
-                             [--input data/mp_structures.csv.gz] [--seed 0] [--workers 1] [--out csp.json]
+                             [--input data/mp_structures.csv.gz] [--seed 0] [--analogues K] [--analogue-share F]
+                             [--workers 1] [--out csp.json]
 
 For each of n held-out structures (a seeded choice from the split `--split` of the prepared dataset
 --data; their structures are read again from --input by material id), k candidates are generated
@@ -9,6 +10,8 @@ with `CrystalGenerator.generate(k, formula=..., ehull="low")`. As in DiffCSP's C
 sampler is given the composition and the number of atoms of the primitive cell: the allowed
 numbers of formula units per (conventional) cell are that of the primitive cell times 1, 2, 3 or 4
 (the centrings). Charge check off (the formula is given); clash retries as in the generator.
+`--analogues K`: --analogue-share of the k candidates drawn for the formula with one element replaced
+by one of its K nearest in Mendeleev number, then substituted back (`SamplingConfig.analogues`).
 
 Match: pymatgen StructureMatcher(ltol=0.3, stol=0.5, angle_tol=10) between a candidate that passes
 the distance filter and the true structure. k=1 uses the first candidate, k=K any of them.
@@ -71,9 +74,9 @@ def held_out(data_dir: Path, input_path: Path, split: str, n: int, seed: int,
     return chosen
 
 
-def predict(item: tuple[int, str, object, int, int]) -> dict:
+def predict(item: tuple[int, str, object, int, int, dict]) -> dict:
     """Generate k candidates for one held-out structure and match them against it."""
-    index, key, rec, k, seed = item
+    index, key, rec, k, seed, sampling = item
     target = parse_structure(rec)
     formula, per_unit = target.composition.get_reduced_formula_and_factor()
     prim = target.get_primitive_structure()
@@ -81,7 +84,7 @@ def predict(item: tuple[int, str, object, int, int]) -> dict:
     units = sorted({z_prim * c for c in CENTRINGS})
     t0 = time.perf_counter()
     results = worker_generator().generate(k, formula=formula, formula_units=units, ehull="low",
-                                          seed=seed + index, check_unique=False, charge_check="off")
+                                          seed=seed + index, check_unique=False, charge_check="off", **sampling)
     seconds = time.perf_counter() - t0
     m = matcher()
     rms = [rms_distance(m, r.structure, target) if r.distance_valid else None for r in results]
@@ -120,11 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="held-out structures (one per formula)")
     p.add_argument("--k", type=int, default=20, help="candidates per formula")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--analogues", type=int, default=0,
+                   help="draw --analogue-share of the candidates in analogue systems (SamplingConfig.analogues; default 0: off)")
+    p.add_argument("--analogue-share", type=float, default=0.5, help="SamplingConfig.analogue_share (default 0.5)")
     p.add_argument("--workers", type=int, default=1, help="processes, one formula at a time each")
     p.add_argument("--out", type=Path, help="write the report (with per-structure rows) here; never overwritten")
     args = p.parse_args(argv)
     if args.n <= 0 or args.k <= 0 or args.workers <= 0:
         print("csp.py: error: --n, --k and --workers must be positive", file=sys.stderr)
+        return 2
+    if args.analogues < 0 or not 0 <= args.analogue_share <= 1:
+        print("csp.py: error: --analogues must be >= 0 and --analogue-share in [0, 1]", file=sys.stderr)
         return 2
     if args.out is not None and args.out.exists():
         print(f"csp.py: error: {args.out} exists; choose another --out", file=sys.stderr)
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"csp.py: error: {exc}", file=sys.stderr)
         return 2
-    items = [(i, key, rec, args.k, args.seed) for i, (key, rec) in enumerate(chosen)]
+    sampling = {"analogues": args.analogues, "analogue_share": args.analogue_share}
+    items = [(i, key, rec, args.k, args.seed, sampling) for i, (key, rec) in enumerate(chosen)]
     rows = []
     for row in run_jobs(predict, items, args.workers, args.model):
         rows.append(row)
@@ -145,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows, args.k)
     report = {"benchmark": "csp", "date": datetime.date.today().isoformat(), "command": shlex.join(sys.argv),
               "data": str(args.data), "split": args.split, "unseen_systems": args.unseen_systems, "model": args.model or "bundled", "k": args.k,
+              "sampling": sampling,
               "matcher": MATCHER_SETTINGS, "wall_seconds": time.perf_counter() - t0, "workers": args.workers,
               **summary}
     print(f"| structures | match k=1 | match k={args.k} | RMS k=1 | RMS k={args.k} | s per formula |")

@@ -2,7 +2,8 @@
 
     python benchmarks/recovery.py --data DIR [--split test] [--input data/mp_structures.csv.gz]
                                   [--model DIR] [--n 300] [--n-large 2000] [--large-systems 0]
-                                  [--max-systems M] [--seed 0] [--workers 2] [--out recovery.json]
+                                  [--max-systems M] [--seed 0] [--analogues K] [--analogue-share F]
+                                  [--workers 2] [--out recovery.json]
 
 --data is a dataset prepared with `data_prep/prepare.py --split system` (whole chemical systems in
 val and test); its structures are read again from --input by material id. Targets: for each ternary
@@ -12,7 +13,8 @@ its elements (`CrystalGenerator.generate(N, elements=..., ehull="low", temperatu
 sampler and charge check), and a target counts as recovered when at least one valid sample of its
 reduced formula matches it, unrelaxed, under StructureMatcher(ltol=0.3, stol=0.5, angle_tol=10).
 `--large-systems K` repeats this with --n-large samples on the first K systems (the paper's budget).
---max-systems caps the systems, in a seeded order.
+--max-systems caps the systems, in a seeded order. `--analogues K` draws --analogue-share of each
+system's N samples in its analogue systems (`SamplingConfig.analogues`, `wyckoffgpt.analogues`).
 
 A model trained on a random split of the same data has seen most of these structures: its recovery
 is then memorisation, not transfer. So each target is looked up among the model's training crystals
@@ -76,12 +78,12 @@ def match_targets(samples: list, targets: list) -> list[dict]:
     return out
 
 
-def run_system(job: tuple[str, int, str, list[tuple[str, Record]], int, int]) -> dict:
+def run_system(job: tuple[str, int, str, list[tuple[str, Record]], int, int, dict]) -> dict:
     """Sample one system and match its targets (in a pool worker)."""
-    budget, index, system, targets, n, seed = job
+    budget, index, system, targets, n, seed, sampling = job
     t0 = time.perf_counter()
     results = worker_generator().generate(n, elements=system.split("-"), ehull="low", temperature=TEMPERATURE,
-                                          seed=seed + index, check_unique=False)
+                                          seed=seed + index, check_unique=False, **sampling)
     sample_seconds = time.perf_counter() - t0
     samples = [r.structure for r in results if r.valid]
     structures = [parse_structure(rec) for _, rec in targets]
@@ -176,6 +178,8 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     for name in ("large_systems", "seed"):
         if getattr(args, name) < 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+    if args.analogues < 0 or not 0 <= args.analogue_share <= 1:
+        return f"--analogues must be >= 0 and --analogue-share in [0, 1], got {args.analogues}, {args.analogue_share}"
     if args.max_systems is not None and args.max_systems <= 0:
         return f"--max-systems must be positive, got {args.max_systems}"
     if not np.isfinite(args.stable_ehull) or args.stable_ehull < 0:
@@ -210,6 +214,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-stable", type=int, default=3, help="stable structures a system needs (default 3)")
     p.add_argument("--stable-ehull", type=float, default=0.1, help="stable: e_above_hull <= this, eV/atom (0.1)")
     p.add_argument("--seed", type=int, default=0, help="order of the systems; system i is sampled with seed + i")
+    p.add_argument("--analogues", type=int, default=0,
+                   help="draw --analogue-share of the samples in analogue systems (SamplingConfig.analogues; default 0: off)")
+    p.add_argument("--analogue-share", type=float, default=0.5, help="SamplingConfig.analogue_share (default 0.5)")
     p.add_argument("--workers", type=int, default=2, help="processes, one system at a time each (default 2)")
     p.add_argument("--out", type=Path, help="write the report (with per-target rows) here; never overwritten")
     return p.parse_args(argv)
@@ -234,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     index, training = training_lookup(args.model)
     seen = {name: seen_in_training(index, systems[name]) for name in names}
     budgets = {"main": args.n} | ({"large": args.n_large} if args.large_systems else {})
-    jobs = [("large", i, s, systems[s], args.n_large, args.seed) for i, s in enumerate(names[:args.large_systems])]
-    jobs += [("main", i, s, systems[s], args.n, args.seed) for i, s in enumerate(names)]  # longest first
+    sampling = {"analogues": args.analogues, "analogue_share": args.analogue_share}
+    jobs = [("large", i, s, systems[s], args.n_large, args.seed, sampling)
+            for i, s in enumerate(names[:args.large_systems])]
+    jobs += [("main", i, s, systems[s], args.n, args.seed, sampling) for i, s in enumerate(names)]  # longest first
     results: dict[str, list[dict]] = {b: [] for b in budgets}
     for row in run_jobs(run_system, jobs, args.workers, args.model, ordered=False):
         for t, seen_as in zip(row["targets"], seen[row["system"]]):
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
               "data": str(args.data), "split": args.split, "model": args.model or "bundled",
               "training_data": training, "qualifying_systems": len(systems), "systems_run": len(names),
               "min_stable": args.min_stable, "stable_ehull": args.stable_ehull, "temperature": TEMPERATURE,
+              "sampling": sampling,
               "matcher": MATCHER_SETTINGS, "workers": args.workers, "wall_seconds": time.perf_counter() - t0,
               **{f"{b}": t for b, t in totals.items()}}
     print_table(results, budgets)

@@ -115,6 +115,29 @@ def test_prompt_is_continued_verbatim(generator):
         assert r.sequence.tokens[-1] == "<eos>"
 
 
+def test_analogue_samples_are_substituted_back_into_the_requested_system(generator):
+    from wyckoffgpt.analogues import analogue_slot
+
+    results = generator.generate(16, elements=["Al", "Ca", "Cu"], ehull="low", seed=0, analogues=2,
+                                 check_unique=False)
+    assert all(set(r.structure.composition.chemical_system.split("-")) == {"Al", "Ca", "Cu"} for r in results)
+    assert all(r.sequence.tokens[:6] == ["<bos>", "ehull:low", "n:3", "Al", "Ca", "Cu"] for r in results)
+    drawn_here = [i for i in range(16) if analogue_slot(i, 0.5, 12) is None]
+    assert drawn_here == list(range(0, 16, 2))  # share 0.5: every other sample
+    formula = generator.generate(8, formula="Ca2AlCu2", seed=1, analogues=2, check_unique=False)
+    assert {r.structure.composition.reduced_formula for r in formula} == {"Ca2AlCu2"}
+
+
+def test_analogue_systems_are_one_element_away_and_nearest_in_mendeleev_number(generator):
+    from wyckoffgpt.sampling import SamplingConfig
+
+    found = generator.analogues(generator.conditions(["Al", "Cu", "Gd"], "low"), SamplingConfig(analogues=2))
+    assert len(found) == 6
+    assert {(a.replaced, a.by) for a in found if a.replaced == "Gd"} == {("Gd", "Tb"), ("Gd", "Sm")}
+    for a in found:
+        assert len(set(a.conditions.elements) & {"Al", "Cu", "Gd"}) == 2 and a.by in a.conditions.elements
+
+
 BAD = {
     "formula unparseable": ({"formula": "Ca2AlCu2x"}, "not a chemical formula"),
     "formula unknown element": ({"formula": "Xx2O"}, "unknown element"),
@@ -125,6 +148,9 @@ BAD = {
     "wyckoff unknown position": ({"wyckoff": "225: Na 4q"}, "has no position 'q'"),
     "wyckoff wrong multiplicity": ({"wyckoff": "225: Na 8a"}, "multiplicity 4"),
     "wyckoff fixed twice": ({"wyckoff": "225: Na 4a, Cl 4a"}, "one site only"),
+    "analogues without a system": ({"analogues": 2}, "analogues need a chemical system"),
+    "analogues with a prompt": ({"analogues": 2, "elements": ["Na", "Cl"], "prompt": "<bos> ehull:low n:2 Na Cl"},
+                                "analogues need a chemical system"),
     "prompt ungrammatical": ({"prompt": "<bos> ehull:low n:2 Cl Na"}, "increasing atomic number"),
     "prompt unknown token": ({"prompt": "<bos> ehull:low n:1 Zz"}, "unknown token"),
     "prompt against conditions": ({"prompt": "<bos> ehull:low n:1 Na", "elements": ["Cl"]}, "cannot be completed"),

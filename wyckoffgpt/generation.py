@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from pymatgen.core import Element, Structure
 
+from .analogues import Analogue, analogue_conditions, analogue_slot, substitute
 from .chemistry import passes_charge_check, smact_valid
 from .conditioning import ConditioningError, check_prompt, parse_formula, parse_prompt, parse_wyckoff
 from .decode import check_structure
@@ -315,24 +316,50 @@ class CrystalGenerator:
         cond = self.conditions(elements=elements, ehull=ehull, spacegroup=spacegroup, formula=formula,
                                formula_units=formula_units, wyckoff=wyckoff, complete_sites=complete_sites)
         prefix = self.prompt_prefix(prompt, cond)
+        analogues = self.analogues(cond, config, prompt)
         self.last_seed = seed = secrets.randbits(63) if config.seed is None else int(config.seed)
         config = config.replace(seed=seed)
         todo = range(math.ceil(n / config.batch_size)) if batches is None else batches
-        return self._batches(Sampler(self.model, config), cond, prefix, n, todo, on_finished)
+        return self._batches(Sampler(self.model, config), cond, analogues, prefix, n, todo, on_finished)
 
-    def _batches(self, sampler: Sampler, cond: Conditions, prefix: tuple[list[int], list[float]] | None, n: int,
-                 batches: Iterable[int],
+    def analogues(self, cond: Conditions, config: SamplingConfig, prompt: str | None = None) -> list[Analogue]:
+        """The analogue systems a request draws `config.analogue_share` of its samples in (see
+        `SamplingConfig.analogues`); [] when off. InputError when the request has no chemical system
+        to take analogues of, or fixes sites or a prefix that name its elements."""
+        if config.analogues == 0 or config.analogue_share == 0:
+            return []
+        if not cond.elements or cond.sites is not None or prompt is not None:
+            raise InputError("analogues need a chemical system or a formula, and no Wyckoff sites or prompt")
+        z = {e: self.vocab.element_z[i] for e, i in self.vocab.element_ids.items()}
+        found = analogue_conditions(cond, config.analogues, list(self.vocab.element_ids), z)
+        try:
+            for a in found:
+                check_conditions(self.vocab, a.conditions, self.limits)
+        except ValueError as e:
+            raise InputError(f"analogue system {a.system}: {e}") from None
+        return found
+
+    def _batches(self, sampler: Sampler, cond: Conditions, analogues: list[Analogue],
+                 prefix: tuple[list[int], list[float]] | None, n: int, batches: Iterable[int],
                  on_finished: Callable[[int], None] | None) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
         batch_size, seed = sampler.config.batch_size, sampler.config.seed
+        share = sampler.config.analogue_share
         for b in batches:
             start = b * batch_size
             size = min(batch_size, n - start)
             generator = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
-            parsers = [SequenceParser(self.vocab, self.limits, cond) for _ in range(size)]
+            drawn = [None if (j := analogue_slot(start + i, share, len(analogues))) is None else analogues[j]
+                     for i in range(size)]
+            parsers = [SequenceParser(self.vocab, self.limits, cond if a is None else a.conditions) for a in drawn]
             with _cpu_threads(self.cpu_threads if self.device.type == "cpu" else None):
                 batch = sampler.sample(parsers, generator=generator, on_step=on_finished, prefix=prefix)
-            yield [(start + i, CrystalSequence.from_ids(ids, values, self.vocab), retries)
-                   for i, (ids, values, retries) in enumerate(zip(batch.ids, batch.values, batch.retries))]
+            out = []
+            for i, (ids, values, retries) in enumerate(zip(batch.ids, batch.values, batch.retries)):
+                seq = CrystalSequence.from_ids(ids, values, self.vocab)
+                if drawn[i] is not None:
+                    seq = substitute(self.tokenizer, seq, drawn[i])
+                out.append((start + i, seq, retries))
+            yield out
 
     def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
                       spacegroup: int | None = None, *, config: SamplingConfig | None = None,

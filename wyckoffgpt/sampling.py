@@ -123,6 +123,13 @@ class SamplingConfig:
         "opposite" (default) the other class (ehull:high for low and back), which any model knows;
         "unknown": ehull:unknown, the unconditional model of a model trained with
         `stability_dropout` > 0 (textbook classifier-free guidance).
+    analogues: k >= 0, an integer. With a chemical system (or formula) requested, a share of the
+        samples (`analogue_share`) is drawn in the systems made by replacing one of its elements
+        with one of that element's k nearest in Mendeleev number, and the elements are substituted
+        back (`wyckoffgpt.analogues`): structure types the model learnt for neighbouring
+        chemistries, in the requested one. Default 0: off.
+    analogue_share: fraction of the samples drawn in analogue systems when `analogues` > 0, in
+        [0, 1]. Default 0.5.
     """
 
     temperature: float = 1.0
@@ -135,6 +142,8 @@ class SamplingConfig:
     symprec: float = DEFAULT_SYMPREC
     guidance: float = 1.0
     guidance_contrast: str = "opposite"
+    analogues: int = 0
+    analogue_share: float = 0.5
 
     def __post_init__(self) -> None:
         # One message per setting; the first out of range is reported.
@@ -159,6 +168,10 @@ class SamplingConfig:
         if self.guidance_contrast not in GUIDANCE_CONTRASTS:
             raise InputError(f"guidance contrast must be one of {', '.join(GUIDANCE_CONTRASTS)}, "
                              f"got {self.guidance_contrast!r}")
+        if not _is_int(self.analogues) or self.analogues < 0:
+            raise InputError(f"analogues must be a non-negative integer, got {self.analogues}")
+        if not (_is_number(self.analogue_share) and 0 <= self.analogue_share <= 1):
+            raise InputError(f"analogue share must be in [0, 1], got {self.analogue_share}")
 
     @property
     def guided(self) -> bool:
@@ -366,26 +379,27 @@ class Sampler:
                generator: torch.Generator | None = None,
                on_step: Callable[[int], None] | None = None, *,
                prefix: tuple[list[int], list[float]] | None = None) -> SampledBatch:
-        """Sample one sequence per parser (fresh parsers sharing the same conditions), until each has
+        """Sample one sequence per parser (fresh parsers; their conditions may differ if their forced
+        prompts have one length, see `_feed_prompt`), until each has
         its <eos>. With `parsers=None` the grammar is off: `batch_size` rows of exactly
         `max_new_tokens` unconstrained tokens after `prompt` (used to time the model alone).
         `on_step(k)` is called after every step with the number of rows that finished for good.
         `prefix` (token ids and values, from <bos>): a prompt every row starts with, kept verbatim
         (resampling never goes back into it); the parsers must accept it."""
         if parsers is not None:
-            prompt, prompt_values = _feed_prompt(parsers, prefix)
+            prompts, prompt_values = _feed_prompt(parsers, prefix)
             batch_size = len(parsers)
         elif not prompt or not batch_size or not max_new_tokens:
             raise ValueError("without parsers, give prompt, batch_size and max_new_tokens")
         else:
-            prompt_values = [math.nan] * len(prompt)
+            prompts, prompt_values = [prompt] * batch_size, [math.nan] * len(prompt)
         contrast = None
         if self.config.guided:
             if parsers is None:
                 raise ValueError("guidance needs the grammar (parsers): it acts on the stability token")
             contrast = contrast_token_map(parsers[0].vocab, self.config.guidance_contrast)
-        rows = _Rows([list(prompt) for _ in range(batch_size)], [list(prompt_values) for _ in range(batch_size)],
-                     parsers, [0] * batch_size, len(prompt), max_new_tokens, contrast)
+        rows = _Rows([list(p) for p in prompts], [list(prompt_values) for _ in range(batch_size)],
+                     parsers, [0] * batch_size, len(prompt_values), max_new_tokens, contrast)
         if parsers is not None and parsers[0].done:  # the prompt is a whole sequence
             return rows.result(0)
         pending, n_new = list(range(batch_size)), 0
@@ -593,18 +607,27 @@ class Sampler:
 
 
 def _feed_prompt(parsers: list[SequenceParser],
-                 prefix: tuple[list[int], list[float]] | None) -> tuple[list[int], list[float]]:
-    """Feed every parser the given prefix and then the tokens the grammar forces (the same for every
-    row: one prompt, no padding); returns the prompt's ids and values."""
+                 prefix: tuple[list[int], list[float]] | None) -> tuple[list[list[int]], list[float]]:
+    """Feed every parser the given prefix and then the tokens the grammar forces; returns each row's
+    prompt ids and the prompt's values. Rows may have different conditions (analogue systems, see
+    `wyckoffgpt.analogues`) but their prompts have one length (no padding)."""
     given_ids, given_values = (list(prefix[0]), list(prefix[1])) if prefix is not None else ([], [])
     for p in parsers:
         for t, v in zip(given_ids, given_values):
             p.feed(int(t), v)
-    forced = forced_prefix(parsers[0])
-    for p in parsers[1:]:
-        for t in forced:
-            p.feed(t)
-    return given_ids + forced, given_values + [math.nan] * len(forced)
+    forced_by_conditions: dict[object, list[int]] = {}
+    prompts = []
+    for p in parsers:
+        forced = forced_by_conditions.get(p.conditions)
+        if forced is None:
+            forced = forced_by_conditions[p.conditions] = forced_prefix(p)
+        else:
+            for t in forced:
+                p.feed(t)
+        prompts.append(given_ids + forced)
+    if len({len(x) for x in prompts}) > 1:
+        raise ValueError("the rows' conditions force prompts of different lengths")
+    return prompts, given_values + [math.nan] * (len(prompts[0]) - len(given_values))
 
 
 def _passes_charge_check(charge_check: str, desc: WyckoffDescription) -> bool:
