@@ -1,13 +1,11 @@
 """Analogue chemical systems: draw a share of a request in systems one element away, substitute back.
 
-Most stable ternary crystals share their structure type with crystals of chemically similar systems:
-in the test split of `prepare.py --split system` (seed 0), 212 of the 480 stable structures of its
-112 ternary systems have the space group and Wyckoff sites of a training crystal in a system that
-differs from theirs by one element replaced by one of its 4 nearest in Mendeleev number (measured
-2026-11-30). A model asked for a system it has never seen proposes the structure types it learnt
-for that system's neighbours only weakly; drawing part of the samples in the neighbours themselves
-(where the model knows its structure types) and substituting the elements back puts those types in
-front of the user. The substituted crystals keep the neighbour's cell: a relaxation adjusts it.
+Most stable ternary crystals share their structure type with crystals of chemically similar systems
+(`benchmarks/prototype_overlap.py` counts how many; BENCHMARKS.md has the figures). A model asked for
+a system it has never seen need not propose the structure types it learnt for that system's
+neighbours; drawing part of the samples in the neighbours themselves (where the model knows its
+structure types) and substituting the elements back puts those types in front of the user. The
+substituted crystals keep the neighbour's cell: a relaxation adjusts it.
 
 Nearness is Pettifor's Mendeleev number (`pymatgen.core.Element.mendeleev_no`), the ordering built so
 that elements close in it form compounds of the same structure types.
