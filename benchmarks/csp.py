@@ -39,7 +39,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # heldout.py, also when loaded as a module
 
-from heldout import MATCHER_SETTINGS, emit, matcher, rms_distance, run_jobs, split_records, worker_generator  # noqa: E402
+from heldout import (  # noqa: E402
+    MATCHER_SETTINGS,
+    add_analogue_arguments,
+    analogue_settings,
+    emit,
+    matcher,
+    rms_distance,
+    run_jobs,
+    split_records,
+    worker_generator,
+)
 
 from wyckoffgpt.data import split_systems  # noqa: E402
 from wyckoffgpt.structure_io import InputError, parse_structure  # noqa: E402
@@ -123,28 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="held-out structures (one per formula)")
     p.add_argument("--k", type=int, default=20, help="candidates per formula")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--analogues", type=int, default=0,
-                   help="draw --analogue-share of the candidates in analogue systems (SamplingConfig.analogues; default 0: off)")
-    p.add_argument("--analogue-share", type=float, default=0.5, help="SamplingConfig.analogue_share (default 0.5)")
+    add_analogue_arguments(p)
     p.add_argument("--workers", type=int, default=1, help="processes, one formula at a time each")
     p.add_argument("--out", type=Path, help="write the report (with per-structure rows) here; never overwritten")
     args = p.parse_args(argv)
     if args.n <= 0 or args.k <= 0 or args.workers <= 0:
         print("csp.py: error: --n, --k and --workers must be positive", file=sys.stderr)
         return 2
-    if args.analogues < 0 or not 0 <= args.analogue_share <= 1:
-        print("csp.py: error: --analogues must be >= 0 and --analogue-share in [0, 1]", file=sys.stderr)
-        return 2
     if args.out is not None and args.out.exists():
         print(f"csp.py: error: {args.out} exists; choose another --out", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
+        sampling = analogue_settings(args)
         chosen = held_out(args.data, args.input, args.split, args.n, args.seed, args.unseen_systems)
     except InputError as exc:
         print(f"csp.py: error: {exc}", file=sys.stderr)
         return 2
-    sampling = {"analogues": args.analogues, "analogue_share": args.analogue_share}
     items = [(i, key, rec, args.k, args.seed, sampling) for i, (key, rec) in enumerate(chosen)]
     rows = []
     for row in run_jobs(predict, items, args.workers, args.model):

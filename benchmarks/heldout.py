@@ -14,6 +14,7 @@ from pymatgen.core import Structure
 
 from wyckoffgpt.atomic import atomic_write
 from wyckoffgpt.data import DatasetError, load_meta, split_systems
+from wyckoffgpt.sampling import SamplingConfig
 from wyckoffgpt.structure_io import InputError, Record, read_records
 
 MATCHER_SETTINGS = {"ltol": 0.3, "stol": 0.5, "angle_tol": 10}  # DiffCSP's, and the Matra-Genoa paper's
@@ -59,6 +60,22 @@ def run_jobs(fn: Callable, jobs: Iterable, workers: int, model: str | None, orde
         return
     with Pool(workers, initializer=init_worker, initargs=(model,)) as pool:
         yield from (pool.imap if ordered else pool.imap_unordered)(fn, jobs)
+
+
+def add_analogue_arguments(parser) -> None:
+    """--analogues K and --analogue-share F: SamplingConfig.analogues / analogue_share for every sample."""
+    parser.add_argument("--analogues", type=int, default=SamplingConfig.analogues, metavar="K",
+                        help="draw --analogue-share of the samples in analogue systems (SamplingConfig.analogues; "
+                             "default 0: off)")
+    parser.add_argument("--analogue-share", type=float, default=SamplingConfig.analogue_share, metavar="F",
+                        help=f"SamplingConfig.analogue_share (default {SamplingConfig.analogue_share})")
+
+
+def analogue_settings(args) -> dict:
+    """The sampling overrides of `add_analogue_arguments`, checked by SamplingConfig (InputError)."""
+    settings = {"analogues": args.analogues, "analogue_share": args.analogue_share}
+    SamplingConfig(**settings)
+    return settings
 
 
 def worker_generator():

@@ -42,7 +42,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # heldout.py, also when loaded as a module
 
-from heldout import MATCHER_SETTINGS, emit, matcher, rms_distance, run_jobs, split_records, worker_generator  # noqa: E402
+from heldout import (  # noqa: E402
+    MATCHER_SETTINGS,
+    add_analogue_arguments,
+    analogue_settings,
+    emit,
+    matcher,
+    rms_distance,
+    run_jobs,
+    split_records,
+    worker_generator,
+)
 
 from wyckoffgpt.structure_io import InputError, Record, parse_structure  # noqa: E402
 
@@ -178,8 +188,6 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     for name in ("large_systems", "seed"):
         if getattr(args, name) < 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
-    if args.analogues < 0 or not 0 <= args.analogue_share <= 1:
-        return f"--analogues must be >= 0 and --analogue-share in [0, 1], got {args.analogues}, {args.analogue_share}"
     if args.max_systems is not None and args.max_systems <= 0:
         return f"--max-systems must be positive, got {args.max_systems}"
     if not np.isfinite(args.stable_ehull) or args.stable_ehull < 0:
@@ -214,9 +222,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-stable", type=int, default=3, help="stable structures a system needs (default 3)")
     p.add_argument("--stable-ehull", type=float, default=0.1, help="stable: e_above_hull <= this, eV/atom (0.1)")
     p.add_argument("--seed", type=int, default=0, help="order of the systems; system i is sampled with seed + i")
-    p.add_argument("--analogues", type=int, default=0,
-                   help="draw --analogue-share of the samples in analogue systems (SamplingConfig.analogues; default 0: off)")
-    p.add_argument("--analogue-share", type=float, default=0.5, help="SamplingConfig.analogue_share (default 0.5)")
+    add_analogue_arguments(p)
     p.add_argument("--workers", type=int, default=2, help="processes, one system at a time each (default 2)")
     p.add_argument("--out", type=Path, help="write the report (with per-target rows) here; never overwritten")
     return p.parse_args(argv)
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     problem = check_arguments(args)
     try:
+        sampling = None if problem else analogue_settings(args)
         rows = [] if problem else split_records(args.data, args.input, args.split)
     except InputError as exc:
         problem = str(exc)
@@ -241,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     index, training = training_lookup(args.model)
     seen = {name: seen_in_training(index, systems[name]) for name in names}
     budgets = {"main": args.n} | ({"large": args.n_large} if args.large_systems else {})
-    sampling = {"analogues": args.analogues, "analogue_share": args.analogue_share}
     jobs = [("large", i, s, systems[s], args.n_large, args.seed, sampling)
             for i, s in enumerate(names[:args.large_systems])]
     jobs += [("main", i, s, systems[s], args.n, args.seed, sampling) for i, s in enumerate(names)]  # longest first

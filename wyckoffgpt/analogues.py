@@ -21,6 +21,7 @@ from pymatgen.core import Element
 from .grammar import Conditions, DecodeError
 from .symmetry import EncodeError
 from .tokenizer import CrystalSequence, CrystalTokenizer
+from .vocab import Vocab
 
 __all__ = ["Analogue", "analogue_conditions", "analogue_slot", "nearest_elements", "substitute"]
 
@@ -45,17 +46,17 @@ def nearest_elements(element: str, candidates: Sequence[str], k: int) -> list[st
     return sorted(others, key=lambda c: (abs(Element(c).mendeleev_no - m), Element(c).Z))[:k]
 
 
-def analogue_conditions(cond: Conditions, k: int, candidates: Sequence[str], z: dict[str, int]) -> list[Analogue]:
-    """Each system made by replacing one element of `cond.elements` with one of its k nearest
-    (`candidates`: the elements the model knows; `z`: atomic numbers, for the element order the
-    grammar expects). With a formula, the replacing element takes the replaced one's count."""
+def analogue_conditions(cond: Conditions, k: int, vocab: Vocab) -> list[Analogue]:
+    """Each system made by replacing one element of `cond.elements` with one of its k nearest among
+    the vocabulary's elements. With a formula, the replacing element takes the replaced one's count."""
     if not cond.elements:
         return []
+    candidates = [c for c in vocab.element_ids if c not in cond.elements]
+    counts = dict(zip(cond.elements, cond.formula)) if cond.formula else None
     out = []
     for old in cond.elements:
-        for new in nearest_elements(old, [c for c in candidates if c not in cond.elements], k):
-            counts = dict(zip(cond.elements, cond.formula)) if cond.formula else None
-            elements = tuple(sorted((new if e == old else e for e in cond.elements), key=z.__getitem__))
+        for new in nearest_elements(old, candidates, k):
+            elements = tuple(vocab.by_z(new if e == old else e for e in cond.elements))
             formula = tuple(counts[old if e == new else e] for e in elements) if counts else None
             out.append(Analogue(replace(cond, elements=elements, formula=formula), old, new))
     return out
@@ -77,9 +78,7 @@ def substitute(tokenizer: CrystalTokenizer, seq: CrystalSequence, analogue: Anal
     canonically where the substituted crystal encodes (else in the sampled site order)."""
     desc = tokenizer.parse(seq)  # a sampled sequence always parses: the grammar made it
     back = {analogue.by: analogue.replaced}
-    z = tokenizer.vocab.element_z
-    desc = replace(desc, elements=sorted((back.get(e, e) for e in desc.elements),
-                                         key=lambda e: z[tokenizer.vocab.element_ids[e]]),
+    desc = replace(desc, elements=tokenizer.vocab.by_z(back.get(e, e) for e in desc.elements),
                    sites=[replace(s, element=back.get(s.element, s.element)) for s in desc.sites])
     relabelled = tokenizer.from_description(desc)
     try:

@@ -42,7 +42,7 @@ def parse_formula(text: str, vocab: Vocab) -> tuple[tuple[str, ...], tuple[int, 
     if missing:
         raise ConditioningError(f"element {missing[0]} is not in the model's vocabulary")
     reduced = comp.reduced_composition.get_el_amt_dict()
-    elements = tuple(sorted(reduced, key=lambda e: vocab.element_z[vocab.element_ids[e]]))
+    elements = tuple(vocab.by_z(reduced))
     return elements, tuple(int(reduced[e]) for e in elements)
 
 

@@ -238,7 +238,7 @@ class CrystalGenerator:
             missing = [e for e in els if e not in self.vocab.element_ids]
             if missing:
                 raise InputError(f"element {missing[0]} is not in the model's vocabulary")
-            els = tuple(sorted(els, key=lambda e: self.vocab.element_z[self.vocab.element_ids[e]]))
+            els = tuple(self.vocab.by_z(els))
         if spacegroup is not None and (isinstance(spacegroup, bool) or not 1 <= int(spacegroup) <= 230
                                        or int(spacegroup) != spacegroup):
             raise InputError(f"space group must be an integer in 1-230, got {spacegroup}")
@@ -276,8 +276,7 @@ class CrystalGenerator:
             number, sites = parse_wyckoff(wyckoff, self.vocab)
             if spacegroup is not None and int(spacegroup) != number:
                 raise ConditioningError(f"space group {spacegroup} contradicts the Wyckoff spec's {number}")
-            z = self.vocab.element_z
-            els = tuple(sorted({e for _, e in sites}, key=lambda e: z[self.vocab.element_ids[e]]))
+            els = tuple(self.vocab.by_z({e for _, e in sites}))
             extra = {"elements": els, "spacegroup": number, "sites": sites, "complete_sites": bool(complete_sites)}
         else:
             return {}
@@ -330,8 +329,7 @@ class CrystalGenerator:
             return []
         if not cond.elements or cond.sites is not None or prompt is not None:
             raise InputError("analogues need a chemical system or a formula, and no Wyckoff sites or prompt")
-        z = {e: self.vocab.element_z[i] for e, i in self.vocab.element_ids.items()}
-        found = analogue_conditions(cond, config.analogues, list(self.vocab.element_ids), z)
+        found = analogue_conditions(cond, config.analogues, self.vocab)
         try:
             for a in found:
                 check_conditions(self.vocab, a.conditions, self.limits)

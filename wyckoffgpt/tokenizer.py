@@ -104,7 +104,7 @@ class CrystalTokenizer:
         if unknown:
             raise EncodeError(f"element {unknown[0]} is not in the vocabulary")
         table, sites, lattice = describe_structure(structure, self.vocab, self.symprec)
-        elements = sorted({s.element for s in sites}, key=lambda e: self.vocab.element_z[self.vocab.element_ids[e]])
+        elements = self.vocab.by_z({s.element for s in sites})
         desc = WyckoffDescription(stability, elements, table, sites, lattice)
         if len(desc.elements) > self.vocab.max_arity:
             raise EncodeError(f"{len(desc.elements)} elements, more than the vocabulary's {self.vocab.max_arity}")

@@ -108,6 +108,10 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def by_z(self, symbols) -> list[str]:
+        """Element symbols in increasing atomic number: the order a sequence declares its elements."""
+        return sorted(symbols, key=lambda e: self.element_z[self.element_ids[e]])
+
     def group(self, number: int) -> SpaceGroupTable:
         return _group_table(self, number)
 
