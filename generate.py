@@ -34,7 +34,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # The sampling flags' defaults and choices are the library's (SamplingConfig), not typed again here.
+    # The sampling flags' defaults and choices are the library's (SamplingConfig), not typed again here;
+    # a flag left out is None, so that the model's recommended settings (sampling_config.json) apply.
     from wyckoffgpt.chemistry import CHARGE_CHECKS
     from wyckoffgpt.grammar import Limits
     from wyckoffgpt.sampling import GUIDANCE_CONTRASTS, SamplingConfig
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     default = SamplingConfig()
     p = OneLineParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
+    p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model); the sampling defaults "
+                                   "below are replaced by the model folder's sampling_config.json, where it has one")
     p.add_argument("--elements", nargs="+", metavar="EL", help="exactly this chemical system, e.g. Al Ca Cu")
     p.add_argument("--ehull", choices=["low", "high"], help="stability class (default: sampled)")
     p.add_argument("--spacegroup", type=int, metavar="N", help="space group number 1-230 (default: sampled)")
@@ -62,45 +64,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "column, e.g. '<bos> ehull:low n:2 Na Cl sg:225 w22a Na'); kept verbatim")
     p.add_argument("-n", "--num-samples", type=int, default=100, dest="n")
     temps = p.add_mutually_exclusive_group()
-    temps.add_argument("--temperature", type=float, default=default.temperature,
+    temps.add_argument("--temperature", type=float, default=None,
                        help=f"sampling temperature (default {default.temperature}: the model's own distribution)")
     temps.add_argument("--temperatures", type=float, nargs="+", metavar="T",
                        help="a temperature sweep: n samples at each, in subfolders T<value> of --out, measured "
                             "(validity, uniqueness, novelty, distribution statistics) in --report")
-    p.add_argument("--top-p", type=float, dest="top_p", default=default.top_p,
+    p.add_argument("--top-p", type=float, dest="top_p", default=None,
                    help="nucleus sampling of tokens (default: off)")
-    p.add_argument("--batch-size", type=int, default=default.batch_size, dest="batch_size",
+    p.add_argument("--batch-size", type=int, default=None, dest="batch_size",
                    help=f"sequences drawn together; the samples depend on it (default {default.batch_size})")
-    p.add_argument("--seed", type=int, default=default.seed, help="random seed (default: random, printed)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--min-distance", type=float, default=default.min_distance, dest="min_distance",
+    p.add_argument("--min-distance", type=float, default=None, dest="min_distance",
                    help=f"minimum interatomic distance in Å (default {default.min_distance})")
-    p.add_argument("--symprec", type=float, default=default.symprec,
+    p.add_argument("--symprec", type=float, default=None,
                    help=f"spglib tolerance in Å when a structure's space group is compared with its sequence's "
                         f"(flag spacegroup_mismatch; default {default.symprec})")
-    p.add_argument("--max-retries", type=int, default=default.max_retries, dest="max_retries",
+    p.add_argument("--max-retries", type=int, default=None, dest="max_retries",
                    help="how often a sample whose atoms clash goes back to the site where the clash begins "
                         f"and is sampled again from there (default {default.max_retries}; 0: raw "
                         "model samples); also a sample whose composition fails --charge-check, back to the "
                         "start after the given conditions")
-    p.add_argument("--charge-check", choices=CHARGE_CHECKS, default=default.charge_check, dest="charge_check",
+    p.add_argument("--charge-check", choices=CHARGE_CHECKS, default=None, dest="charge_check",
                    help=f"compositions resampled (within --max-retries) and left out when they fail it (default "
                         f"{default.charge_check}): 'ionic': oxides, nitrides, chalcogenides and halides need a "
                         "charge-neutral set of oxidation states, intermetallics are left as drawn; 'smact': every composition must "
                         "pass SMACT; 'off': none (the 'charge_balanced' column always says which pass SMACT)")
-    p.add_argument("--guidance", type=float, default=default.guidance, metavar="W",
-                   help="classifier-free guidance of the stability token: tokens drawn from contrast + W x "
-                        f"(conditioned - contrast) (default {default.guidance}: off; > 1 pushes samples further "
-                        "toward their ehull class, at twice the model cost)")
-    p.add_argument("--guidance-contrast", choices=GUIDANCE_CONTRASTS, default=default.guidance_contrast,
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance of --ehull: tokens drawn from contrast + W x "
+                        "(conditioned - contrast) (default: the model's sampling_config.json, else "
+                        f"{default.guidance}: off; > 1 pushes samples further toward the asked class, at twice "
+                        "the model cost; no effect unless --ehull, or a --prompt, asks for a class)")
+    p.add_argument("--guidance-contrast", choices=GUIDANCE_CONTRASTS, default=None,
                    dest="guidance_contrast",
-                   help=f"--guidance: the contrast sequence's stability token (default {default.guidance_contrast}: "
-                        "the other class; 'unknown': ehull:unknown, for models trained with stability_dropout)")
-    p.add_argument("--analogues", type=int, default=default.analogues, metavar="K",
+                   help="--guidance: the contrast sequence's stability token (default: the model's, else "
+                        f"{default.guidance_contrast}: the other class; 'unknown': ehull:unknown, for models trained "
+                        "with stability_dropout)")
+    p.add_argument("--analogues", type=int, default=None, metavar="K",
                    help="with --elements or --formula: draw --analogue-share of the samples in the systems made by "
                         "replacing one element with one of its K nearest in Mendeleev number, then substitute "
                         f"the element back (default {default.analogues}: off)")
-    p.add_argument("--analogue-share", type=float, default=default.analogue_share, dest="analogue_share",
+    p.add_argument("--analogue-share", type=float, default=None, dest="analogue_share",
                    metavar="F", help=f"--analogues: fraction of the samples drawn in analogue systems "
                                      f"(default {default.analogue_share})")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
@@ -135,8 +139,9 @@ def check_args(args: argparse.Namespace) -> None:
         if args.elements is not None:
             normalize_elements(args.elements)
         check_num_samples(args.n)
-        for temperature in args.temperatures or [args.temperature]:
-            sampling_config(args).replace(temperature=temperature)
+        checked = sampling_config(args)
+        for temperature in args.temperatures or []:
+            checked.replace(temperature=temperature)
     except InputError as e:
         raise UsageError(str(e)) from None
     if args.max_atoms is not None and args.max_atoms <= 0:
@@ -173,11 +178,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
 
 
-def sampling_config(args: argparse.Namespace):
-    """The sampling flags as a `wyckoffgpt.sampling.SamplingConfig` (InputError naming a bad one)."""
+def sampling_config(args: argparse.Namespace, base=None):
+    """The sampling flags given, over `base` (the model's `CrystalGenerator.sampling_defaults`;
+    default: the library's), as a `wyckoffgpt.sampling.SamplingConfig` (InputError naming a bad one)."""
     from wyckoffgpt.sampling import FIELD_NAMES, SamplingConfig
 
-    return SamplingConfig(**{name: getattr(args, name) for name in FIELD_NAMES})
+    given = {name: v for name in FIELD_NAMES if (v := getattr(args, name)) is not None}
+    return SamplingConfig.resolve(base, **given)
 
 
 def check_sweep_args(args: argparse.Namespace) -> None:
@@ -283,8 +290,9 @@ def generate(args: argparse.Namespace, out: Path) -> int:
         return temperature_sweep(args, out, gen, {**exact, "prompt": args.prompt})
 
     try:
+        sampling = sampling_config(args, gen.sampling_defaults)
         settings = RunSettings(n=args.n, elements=args.elements, ehull=args.ehull, spacegroup=args.spacegroup,
-                               prompt=args.prompt, **exact, sampling=sampling_config(args), format=args.format,
+                               prompt=args.prompt, **exact, sampling=sampling, format=args.format,
                                model=args.model)
         t0 = time.perf_counter()
         share = Share.from_env()  # torchrun / accelerate launch: one part of the run per process
@@ -297,11 +305,12 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     elapsed = time.perf_counter() - t0
     if share.rank != 0:
         return 0
-    print(f"seed {gen.last_seed}, T={args.temperature}, {elapsed:.1f} s")
-    print(f"sampled {c.sampled}, decoded {c.decoded}, passed distance filter (>= {args.min_distance} Å) "
+    guided = f", guidance {sampling.guidance:g} against {sampling.guidance_contrast}" if sampling.guided else ""
+    print(f"seed {gen.last_seed}, T={sampling.temperature}{guided}, {elapsed:.1f} s")
+    print(f"sampled {c.sampled}, decoded {c.decoded}, passed distance filter (>= {sampling.min_distance} Å) "
           f"{c.placed}, of these charge-balanced (SMACT) {c.balanced}")
     if c.unbalanced:
-        print(f"{c.unbalanced} failed the charge check ({args.charge_check}) after their retries and were not "
+        print(f"{c.unbalanced} failed the charge check ({sampling.charge_check}) after their retries and were not "
               f"written (flag not_charge_balanced; --charge-check off keeps them)")
     if c.retried:
         print(f"{c.retried} samples were sent back to an earlier site and resampled "
@@ -312,7 +321,7 @@ def generate(args: argparse.Namespace, out: Path) -> int:
               + f" (stable: e_above_hull <= {args.relax_config.stable_threshold} eV/atom of the training data's hull; "
               f"relaxed CIFs in {out / 'relaxed'}, summary.csv sorted by e_above_hull)")
     print(f"wrote {c.valid} {args.format} files (space-group consistent {c.consistent}, unique {c.unique}"
-          + f", charge check {args.charge_check}) and summary.csv to {out}")
+          + f", charge check {sampling.charge_check}) and summary.csv to {out}")
     return 0
 
 
@@ -346,7 +355,8 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> 
     t0 = time.perf_counter()
     with tqdm(total=args.n * len(args.temperatures), unit="seq", file=sys.stderr, disable=None,
               desc="sweep") as bar:
-        points = sweep.run_sweep(gen, args.temperatures, args.n, reference, config=sampling_config(args),
+        config = sampling_config(args, gen.sampling_defaults)
+        points = sweep.run_sweep(gen, args.temperatures, args.n, reference, config=config,
                                  on_finished=bar.update, on_point=write_point, elements=args.elements,
                                  ehull=args.ehull, spacegroup=args.spacegroup, **exact)
     rows = sweep.sweep_rows(points)
@@ -363,8 +373,9 @@ def temperature_sweep(args: argparse.Namespace, out: Path, gen, exact: dict) -> 
         conditions = ", ".join(filter(None, [
             "-".join(args.elements or []), args.ehull and f"ehull {args.ehull}",
             args.spacegroup and f"space group {args.spacegroup}",
-            args.max_retries != default.max_retries and f"max retries {args.max_retries}",
-            args.charge_check != default.charge_check and f"charge check {args.charge_check}"]))
+            config.max_retries != default.max_retries and f"max retries {config.max_retries}",
+            config.charge_check != default.charge_check and f"charge check {config.charge_check}",
+            config.guided and f"guidance {config.guidance:g} against {config.guidance_contrast}"]))
         sweep.plot_sweep(points, args.plot, conditions or "unconditional")
     print(f"wrote {report}" + (f" and {args.plot}" if args.plot else ""))
     return 0

@@ -159,11 +159,14 @@ def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, refere
                 for r in [args.max_retries] + ([0] if args.raw and args.max_retries else [])]
     for ti, temperature, ci, ehull, retries in settings:
         t0 = time.perf_counter()
-        config = SamplingConfig(temperature=temperature, seed=args.seed + 100 * ti + ci, batch_size=args.batch_size,
-                                max_retries=retries, charge_check=args.charge_check if retries else "off")
+        # Over the model's recommended settings (its guidance of an asked class), as users sample.
+        config = gen.sampling_config(temperature=temperature, seed=args.seed + 100 * ti + ci,
+                                     batch_size=args.batch_size, max_retries=retries,
+                                     charge_check=args.charge_check if retries else "off")
         results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, config=config, check_unique=False)
         t_sample = time.perf_counter() - t0
         row = {"model": name, "temperature": temperature, "ehull": ehull, "max_retries": retries,
+               "guidance": config.guidance if ehull != "none" else 1.0, "guidance_contrast": config.guidance_contrast,
                "charge_check": args.charge_check if retries else "off",
                **sample_metrics(results, gen, index, reference), "seconds_sample": round(t_sample, 1),
                "mean_retries": float(np.mean([r.retries for r in results]))}

@@ -165,14 +165,18 @@ def test_charge_check_off_keeps_the_compositions_the_model_drew(model_dir, tmp_p
 
 
 def test_cli_defaults_are_the_librarys_sampling_config():
-    # One home for the sampling defaults: a flag per SamplingConfig field, defaulting to its value,
-    # so `generate.py` and `CrystalGenerator.generate` sample alike when given nothing.
+    # One home for the sampling defaults: a flag per SamplingConfig field; a flag left out takes the
+    # model's recommendation (sampling_config.json) or else the library's default, as
+    # `CrystalGenerator.generate` does when given nothing.
     from wyckoffgpt.chemistry import CHARGE_CHECKS
     from wyckoffgpt.sampling import SamplingConfig
 
     args = CLI.parse_args([])
     assert CLI.sampling_config(args) == SamplingConfig()
-    assert {k: getattr(args, k) for k in SamplingConfig().to_dict()} == SamplingConfig().to_dict()
+    recommended = SamplingConfig(guidance=3.0, guidance_contrast="unknown")
+    assert CLI.sampling_config(args, recommended) == recommended
+    assert CLI.sampling_config(CLI.parse_args(["--guidance", "1"]), recommended) == \
+        SamplingConfig(guidance_contrast="unknown")
     assert [CLI.parse_args(["--charge-check", c]).charge_check for c in CHARGE_CHECKS] == list(CHARGE_CHECKS)
     given = CLI.parse_args(["--temperature", "0.8", "--top-p", "0.9", "--batch-size", "16", "--seed", "5",
                             "--min-distance", "0.5", "--max-retries", "0", "--charge-check", "off",
@@ -180,3 +184,35 @@ def test_cli_defaults_are_the_librarys_sampling_config():
     assert CLI.sampling_config(given) == SamplingConfig(temperature=0.8, top_p=0.9, batch_size=16, seed=5,
                                                         min_distance=0.5, max_retries=0, charge_check="off",
                                                         symprec=0.1)
+
+
+def test_model_folders_recommended_guidance_is_used_and_recorded_unless_a_flag_says_otherwise(tmp_path, capsys):
+    import json
+    import shutil
+
+    from random_model import save_random_model
+
+    from wyckoffgpt.sampling import SamplingConfig
+
+    model = save_random_model(tmp_path / "model")
+    SamplingConfig(guidance=4.0, guidance_contrast="unknown").save_pretrained(model)
+    base = ["--model", model, "--ehull", "low", "-n", 6, "--seed", 1]
+    code, stdout, err = run(base + ["--out", tmp_path / "recommended"], capsys)
+    assert code == 0, err
+    assert "guidance 4 against unknown" in stdout
+    recorded = json.loads((tmp_path / "recommended" / "run.json").read_text())
+    assert (recorded["guidance"], recorded["guidance_contrast"]) == (4.0, "unknown")
+    code, _, err = run(base + ["--guidance", 4, "--guidance-contrast", "unknown", "--out", tmp_path / "flags"], capsys)
+    assert code == 0, err
+    assert [r["sequence"] for r in read_summary(tmp_path / "flags")] == \
+        [r["sequence"] for r in read_summary(tmp_path / "recommended")]
+    code, _, err = run(base + ["--guidance", 1, "--out", tmp_path / "off"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["guidance"] == 1.0
+    assert [r["sequence"] for r in read_summary(tmp_path / "off")] != \
+        [r["sequence"] for r in read_summary(tmp_path / "recommended")]
+    (model / "sampling_config.json").write_text('{"seed": 3}')
+    code, _, err = run(base + ["--out", tmp_path / "bad"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "sampling_config.json" in err and "'seed' is not a setting a model can recommend" in err
+    shutil.rmtree(model)

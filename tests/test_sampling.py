@@ -409,3 +409,24 @@ def test_guided_logits_are_contrast_plus_w_times_the_difference(generator, contr
         alt = generator.model(swapped, live.vals, composition=live.comp).logits[:, -1].float()
     assert torch.allclose(guided, alt + w * (cond - alt), atol=1e-4)
     assert not torch.allclose(cond, alt)  # the stability token matters to this (random) model
+
+
+def test_recommended_guidance_applies_to_an_asked_class_only(tmp_path):
+    from wyckoffgpt import CrystalGenerator
+    from wyckoffgpt.sampling import SamplingConfig
+
+    folder = save_random_model(tmp_path / "model")
+    recommended = SamplingConfig(guidance=3.0, guidance_contrast="unknown")
+    assert recommended.save_pretrained(folder).read_text().strip() == \
+        '{\n  "guidance": 3.0,\n  "guidance_contrast": "unknown"\n}'
+    gen = CrystalGenerator.from_pretrained(folder, device="cpu")
+    assert gen.sampling_defaults == recommended
+
+    def texts(**kw):
+        return [str(r.sequence) for r in gen.generate(6, seed=2, batch_size=6, check_unique=False, **kw)]
+
+    # Asked for a class: the model's guidance, the same as passing it; a config passed replaces it.
+    assert texts(ehull="low") == texts(ehull="low", config=recommended)
+    assert texts(ehull="low") != texts(ehull="low", config=SamplingConfig())
+    # Unconditional: the class is drawn, not asked for, and samples stay the model's own distribution.
+    assert texts() == texts(config=SamplingConfig())

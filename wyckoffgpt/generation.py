@@ -165,8 +165,11 @@ class CrystalGenerator:
     """A model, its vocabulary and the sampling limits; `generate` returns filtered samples."""
 
     def __init__(self, model: torch.nn.Module, vocab: Vocab, limits: Limits | None = None,
-                 device: str | torch.device | None = None, cpu_threads: int | None = None):
-        """`cpu_threads`: torch intra-op threads while sampling on CPU. Default 1 unless
+                 device: str | torch.device | None = None, cpu_threads: int | None = None,
+                 sampling_defaults: SamplingConfig | None = None):
+        """`sampling_defaults`: the settings used when a call passes no `config` (default:
+        `SamplingConfig()`; `from_pretrained` reads the model folder's recommendation).
+        `cpu_threads`: torch intra-op threads while sampling on CPU. Default 1 unless
         OMP_NUM_THREADS is set: a sampling step is many small ops, and intra-op threads cost more in
         synchronisation than they gain (on a busy 2-core machine, 50 samples took 0.4 s with one
         thread and 16 s with two)."""
@@ -188,13 +191,15 @@ class CrystalGenerator:
                                  f"for any crystal sequence")
             limits = Limits(min(limits.max_sites, fit), limits.max_atoms)
         self.limits = limits
+        self.sampling_defaults = SamplingConfig.resolve(sampling_defaults)
         self.last_seed: int | None = None
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path | None = None, device: str | torch.device | None = None,
                         limits: Limits | None = None, cpu_threads: int | None = None) -> CrystalGenerator:
         """Load a model folder (config.json, weights, tokenizer files) or Hub repo id; None: the
-        bundled default model. Raises InputError for a missing or corrupt model."""
+        bundled default model. Raises InputError for a missing or corrupt model. The folder's
+        `sampling_config.json`, if any, becomes `sampling_defaults` (`SamplingConfig.from_pretrained`)."""
         from .modeling_wyckoffgpt import WyckoffGPTModel
 
         folder = resolve_model_path(path_or_repo_id)
@@ -213,7 +218,13 @@ class CrystalGenerator:
         vocab = _load_vocab(folder, model.config.vocab_hash)
         if len(vocab) != model.config.vocab_size:
             raise InputError(f"model folder {folder}: vocabulary has {len(vocab)} tokens, model {model.config.vocab_size}")
-        return cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads)
+        return cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads,
+                   sampling_defaults=SamplingConfig.from_pretrained(folder))
+
+    def sampling_config(self, config: SamplingConfig | None = None, **overrides: Any) -> SamplingConfig:
+        """`config` (default: `sampling_defaults`, the model's recommendation) with keyword overrides
+        of its fields: the settings a call samples with."""
+        return SamplingConfig.resolve(self.sampling_defaults if config is None else config, **overrides)
 
     def conditions(self, elements: Sequence[str] | None = None, ehull: str | None = None,
                    spacegroup: int | None = None, *, formula: str | None = None,
@@ -311,15 +322,22 @@ class CrystalGenerator:
         process's share) gives exactly the samples a whole run gives at those indices. The
         arguments are checked here, at the call (InputError), not when the first batch is drawn."""
         check_num_samples(n)
-        config = SamplingConfig.resolve(config, **overrides)
+        config = self.sampling_config(config, **overrides)
         cond = self.conditions(elements=elements, ehull=ehull, spacegroup=spacegroup, formula=formula,
                                formula_units=formula_units, wyckoff=wyckoff, complete_sites=complete_sites)
         prefix = self.prompt_prefix(prompt, cond)
+        if config.guided and not self._asks_stability(cond, prefix):
+            config = config.replace(guidance=1.0)  # guidance sharpens a class asked for, not a drawn one
         analogues = self.analogues(cond, config, prompt)
         self.last_seed = seed = secrets.randbits(63) if config.seed is None else int(config.seed)
         config = config.replace(seed=seed)
         todo = range(math.ceil(n / config.batch_size)) if batches is None else batches
         return self._batches(Sampler(self.model, config), cond, analogues, prefix, n, todo, on_finished)
+
+    def _asks_stability(self, cond: Conditions, prefix: tuple[list[int], list[float]] | None) -> bool:
+        """Whether the request fixes the stability class (ehull, or low/high in the prompt)."""
+        asked = {self.vocab.token_to_id[STABILITY_TOKENS[k]] for k in ("low", "high")}
+        return cond.stability is not None or (prefix is not None and bool(asked & set(prefix[0])))
 
     def analogues(self, cond: Conditions, config: SamplingConfig, prompt: str | None = None) -> list[Analogue]:
         """The analogue systems a request draws `config.analogue_share` of its samples in (see
@@ -368,7 +386,7 @@ class CrystalGenerator:
         `prompt`) and overrides of `config`'s fields; `batches`: see `iter_batches`. Checked at the
         call, like `iter_batches`."""
         overrides = {k: kwargs.pop(k) for k in FIELD_NAMES if k in kwargs}
-        config = SamplingConfig.resolve(config, **overrides)
+        config = self.sampling_config(config, **overrides)
         sequences = self.iter_batches(n, elements=elements, ehull=ehull, spacegroup=spacegroup, config=config,
                                       batches=batches, on_finished=on_finished, **kwargs)
         return (finish_sample(self.tokenizer, index, seq, retries, config)

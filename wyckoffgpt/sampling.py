@@ -34,14 +34,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .chemistry import CHARGE_CHECKS, passes_charge_check
 from .composition import feature_size, parser_features, sequence_features
 from .decode import (
@@ -87,6 +91,10 @@ class SamplingConfig:
     `CrystalGenerator.conditions`, and the same settings serve any request. Frozen: derive a changed
     copy with `config.replace(temperature=1.3)` (validated again).
 
+    A model folder may recommend settings (`sampling_config.json`, see `from_pretrained`): a
+    `CrystalGenerator` starts from them (`CrystalGenerator.sampling_defaults`) when no `config` is
+    given, and the defaults below hold for what the file leaves out.
+
     temperature: divides the token logits and scales the value head's mixture (see
         `model.sample_values`) before each draw; > 0, finite, dimensionless. Default 1.0, the
         model's own distribution; lower is more conservative, higher more diverse.
@@ -118,7 +126,9 @@ class SamplingConfig:
         logits, where the contrast sequence is the same one with another stability token (see
         `guidance_contrast`); values are drawn from the conditioned sequence's value head. Default
         1.0: off (the conditioned logits, one forward pass); > 1 pushes samples further toward the
-        class of their stability token (given with ehull, or drawn first), at twice the model cost.
+        class of their stability token, at twice the model cost. `CrystalGenerator` applies it only
+        to a class the request fixes (ehull, or low/high in a prompt), so that unconditional
+        samples stay the model's own distribution; `Sampler` to whatever class a row holds.
     guidance_contrast: "opposite" | "unknown". The stability token of the contrast sequence:
         "opposite" (default) the other class (ehull:high for low and back), which any model knows;
         "unknown": ehull:unknown, the unconditional model of a model trained with
@@ -196,8 +206,45 @@ class SamplingConfig:
     def to_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> SamplingConfig:
+        """The sampling settings a model folder recommends (`SAMPLING_CONFIG_FILE`, written by
+        `save_pretrained`) over the defaults; the defaults when the folder has none. InputError
+        naming the file and the setting when it cannot be used."""
+        path = Path(folder) / SAMPLING_CONFIG_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            settings = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is not readable JSON: {e}") from None
+        if not isinstance(settings, dict):
+            raise InputError(f"{path} must hold a JSON object of sampling settings")
+        unknown = [k for k in settings if k not in FIELD_NAMES or k in _PER_RUN_FIELDS]
+        if unknown:
+            raise InputError(f"{path}: {unknown[0]!r} is not a setting a model can recommend "
+                             f"(one of {', '.join(k for k in FIELD_NAMES if k not in _PER_RUN_FIELDS)})")
+        try:
+            return cls(**settings)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the settings that differ from the defaults to `folder/SAMPLING_CONFIG_FILE`, as
+        the model's recommendation (what `CrystalGenerator.from_pretrained` and generate.py then
+        use unless told otherwise); the seed is a run's, not a model's, and is left out."""
+        default = SamplingConfig()
+        changed = {k: v for k, v in self.to_dict().items()
+                   if k not in _PER_RUN_FIELDS and v != getattr(default, k)}
+        path = Path(folder) / SAMPLING_CONFIG_FILE
+        atomic_write(path, json.dumps(changed, indent=2) + "\n")
+        return path
+
 
 FIELD_NAMES = tuple(f.name for f in fields(SamplingConfig))
+# A model folder's recommended sampling settings (transformers' generation_config.json, for sampling).
+SAMPLING_CONFIG_FILE = "sampling_config.json"
+_PER_RUN_FIELDS = ("seed",)
 
 
 def check_num_samples(n: object) -> None:

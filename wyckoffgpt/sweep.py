@@ -73,7 +73,7 @@ def run_sweep(gen: CrystalGenerator, temperatures: Sequence[float], n: int, refe
     whole sweep; `on_point` receives each temperature's point as soon as it is measured (e.g. to
     write its structures)."""
     temperatures = check_temperatures(temperatures)
-    config = SamplingConfig.resolve(config, **{k: generate_kwargs.pop(k) for k in FIELD_NAMES if k in generate_kwargs})
+    config = gen.sampling_config(config, **{k: generate_kwargs.pop(k) for k in FIELD_NAMES if k in generate_kwargs})
     if config.seed is None:
         config = config.replace(seed=secrets.randbits(63))
     points = []

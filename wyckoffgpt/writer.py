@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pymatgen.core import Structure
@@ -58,7 +58,8 @@ class RunError(ValueError):
 @dataclass
 class RunSettings:
     """Everything that decides a run's samples: how many (`n`), what (the conditions, see
-    `CrystalGenerator.generate`), how (`sampling`, a `SamplingConfig`), and the file format.
+    `CrystalGenerator.generate`), how (`sampling`, a `SamplingConfig`; None: the model's
+    recommended settings, `CrystalGenerator.sampling_defaults`), and the file format.
     `sampling.seed` None: drawn at the start and recorded in run.json."""
 
     n: int
@@ -70,14 +71,14 @@ class RunSettings:
     wyckoff: str | None = None
     complete_sites: bool = False
     prompt: str | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig | None = None
     format: str = "cif"
     model: str | None = None  # as given (folder or Hub id); recorded, not used here
 
     def __post_init__(self) -> None:
         # The generator's own checks (InputError; SamplingConfig checks itself); the format is the writer's.
         check_num_samples(self.n)
-        if not isinstance(self.sampling, SamplingConfig):
+        if self.sampling is not None and not isinstance(self.sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
         if self.format not in FORMATS:
             raise RunError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
@@ -359,6 +360,8 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
     the environment torchrun sets); rank 0 returns the whole run's counts, the others their own."""
     out = Path(out)
     share = share or Share.from_env()
+    if settings.sampling is None:
+        settings.sampling = gen.sampling_defaults
     if share.world > 1 and (resume or settings.sampling.seed is None):
         raise RunError("a run made by several processes needs --seed (all draw from it) and cannot be resumed")
     out.mkdir(parents=True, exist_ok=True)
