@@ -203,3 +203,22 @@ def test_guided_arms_name_their_contrast_so_one_log_never_resumes_the_other(monk
     assert opposite & unknown == {"Al-Ca-Cu/low", "Al-Ca-Cu/high", "Al-Ca-Cu/none"}
     assert {"Al-Ca-Cu/low/w3", "Al-Ca-Cu/high/w3"} <= opposite
     assert {"Al-Ca-Cu/low/w3-vs-unknown", "Al-Ca-Cu/high/w3-vs-unknown"} <= unknown
+
+
+def test_conditioning_verdict_needs_low_to_have_stable_samples_at_all(monkeypatch):
+    from scripts import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    conditioning = load_script("benchmarks/conditioning.py")
+
+    def report(low, high):
+        arm = lambda median, share: {"median_e_above_hull": median, "within_0.1_of_scored": share}  # noqa: E731
+        return {"conditions": {"X-Y-Z/low": arm(*low), "X-Y-Z/high": arm(*high)}}
+
+    def verdict(low, high):
+        return conditioning.verdicts(report(low, high), ["X-Y-Z"], [1.0])["X-Y-Z/low/high"]
+
+    assert verdict((0.01, 0.6), (0.1, 0.3)) == {"lower_median": True, "share_ratio": 2.0, "share_1.5x": True}
+    assert verdict((0.01, 0.4), (0.1, 0.3))["share_1.5x"] is False
+    assert verdict((0.3, 0.2), (0.2, 0.0))["share_1.5x"] is True  # some stable against none
+    assert verdict((0.3, 0.0), (0.2, 0.0))["share_1.5x"] is False  # none against none separates nothing
