@@ -154,3 +154,47 @@ def test_streamed_results_survive_a_json_log():
     assert back.e_above_hull == pytest.approx(result.e_above_hull)
     assert back.structure.composition == result.structure.composition
     assert np.allclose(back.structure.lattice.matrix, result.structure.lattice.matrix)
+
+
+KILLED_PARENT = """
+import multiprocessing as mp, os, sys
+from wyckoffgpt.stability import _exit_with_parent
+
+
+def watch(parent, ready):
+    ready.set()
+    _exit_with_parent(parent, 0.1)
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=watch, args=(os.getpid(), ready))
+    child.start()
+    assert ready.wait(60)  # the child runs (a child still starting up would die with its parent anyway)
+    print(child.pid, flush=True)
+    os._exit(0)  # killed outright: nothing shuts the child down
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_relaxation_workers_exit_when_their_parent_is_killed(tmp_path):
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(KILLED_PARENT)
+    out = tmp_path / "pid"
+    with out.open("w") as f:  # a file, not a pipe: the child would hold a pipe open and be waited for
+        subprocess.run([sys.executable, str(script)], stdout=f, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    pid = int(out.read_text().split()[0])
+
+    def running() -> bool:
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running()

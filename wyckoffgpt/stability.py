@@ -250,11 +250,22 @@ def relax(structure: Structure, config: RelaxConfig | None = None, relax_cell: b
     return result
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(1)  # one process per core beats threads inside CHGNet's small graphs
     warnings.simplefilter("ignore")
+    # A parent killed outright (SIGTERM, SIGKILL) never shuts the pool down: without this the workers
+    # outlive it, relaxing for nobody and holding ~0.7 GB each.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 2.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _relax_job(args: tuple[dict, dict]) -> StabilityResult:
@@ -285,7 +296,7 @@ def iter_relax(structures: Sequence[Structure], config: RelaxConfig | None = Non
 
     # spawn: the caller may hold torch/OpenMP thread pools that do not survive fork.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_relax_job, (s.as_dict(), asdict(config))): i for i, s in enumerate(structures)}
         for f in as_completed(futures):
             yield futures[f], f.result()
