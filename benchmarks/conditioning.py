@@ -56,7 +56,7 @@ def verdicts(report: dict, systems: list[str], weights: list[float], contrast: s
         s_low, s_high = low["within_0.1_of_scored"], high["within_0.1_of_scored"]
         out[arm_name(system, "low/high", w, contrast)] = {"lower_median": None if m_low is None or m_high is None else m_low < m_high,
                        "share_ratio": None if not s_high or s_low is None else s_low / s_high,
-                       "share_1.5x": None if s_low is None or s_high is None else 0 < s_low >= 1.5 * s_high}
+                       "share_1.5x": None if s_low is None or s_high is None else s_low > 0 and s_low >= 1.5 * s_high}
     return out
 
 
@@ -85,8 +85,10 @@ def main() -> None:
     print("| system / guidance | low median < high median | within-0.1 share low / high | >= 1.5x |")
     print("| --- | --- | --- | --- |")
     for system, v in report["verdicts"].items():
-        ratio = "high has none" if v["share_ratio"] is None and v["share_1.5x"] else (
-            "" if v["share_ratio"] is None else f"{v['share_ratio']:.2f}")
+        if v["share_ratio"] is not None:
+            ratio = f"{v['share_ratio']:.2f}"
+        else:
+            ratio = "high has none" if v["share_1.5x"] else ""
         print(f"| {system} | {v['lower_median']} | {ratio} | {v['share_1.5x']} |")
     screening.emit(report, args.out)
 

@@ -28,7 +28,7 @@ from .conditioning import ConditioningError, check_prompt, parse_formula, parse_
 from .decode import check_structure
 from .duplicates import find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, check_conditions
-from .sampling import FIELD_NAMES, Sampler, SamplingConfig, check_num_samples
+from .sampling import FIELD_NAMES, Sampler, SamplingConfig, check_num_samples, contrast_token_map
 from .structure_io import InputError
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import STABILITY_TOKENS, Vocab, default_vocab
@@ -326,7 +326,7 @@ class CrystalGenerator:
         cond = self.conditions(elements=elements, ehull=ehull, spacegroup=spacegroup, formula=formula,
                                formula_units=formula_units, wyckoff=wyckoff, complete_sites=complete_sites)
         prefix = self.prompt_prefix(prompt, cond)
-        if config.guided and not self._asks_stability(cond, prefix):
+        if config.guided and not self._asks_guided_class(cond, prefix, config):
             config = config.replace(guidance=1.0)  # guidance sharpens a class asked for, not a drawn one
         analogues = self.analogues(cond, config, prompt)
         self.last_seed = seed = secrets.randbits(63) if config.seed is None else int(config.seed)
@@ -334,10 +334,11 @@ class CrystalGenerator:
         todo = range(math.ceil(n / config.batch_size)) if batches is None else batches
         return self._batches(Sampler(self.model, config), cond, analogues, prefix, n, todo, on_finished)
 
-    def _asks_stability(self, cond: Conditions, prefix: tuple[list[int], list[float]] | None) -> bool:
-        """Whether the request fixes the stability class (ehull, or low/high in the prompt)."""
-        asked = {self.vocab.token_to_id[STABILITY_TOKENS[k]] for k in ("low", "high")}
-        return cond.stability is not None or (prefix is not None and bool(asked & set(prefix[0])))
+    def _asks_guided_class(self, cond: Conditions, prefix: tuple[list[int], list[float]] | None,
+                           config: SamplingConfig) -> bool:
+        """Whether the request fixes a stability class that guidance acts on (ehull, or one in the prompt)."""
+        guided = contrast_token_map(self.vocab, config.guidance_contrast)
+        return cond.stability is not None or (prefix is not None and not guided.keys().isdisjoint(prefix[0]))
 
     def analogues(self, cond: Conditions, config: SamplingConfig, prompt: str | None = None) -> list[Analogue]:
         """The analogue systems a request draws `config.analogue_share` of its samples in (see
