@@ -49,15 +49,23 @@ class Condition:
     guidance_contrast: str | None = None  # None: SamplingConfig's default
 
 
+# Samples are drawn in batches of BLOCK (each batch its own random stream), so that sample i does not
+# depend on n: a larger -n extends a finished --log instead of redrawing it (relaxing is the costly
+# part). Logs of runs with n <= BLOCK, made before this, stay valid.
+BLOCK = 12
+
+
 def draw(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, temperature: float,
          seed: int) -> dict[str, list[GeneratedCrystal]]:
-    """n seeded samples per condition (the same seed for every condition, so a rerun redraws them)."""
+    """n seeded samples per condition (the same seed for every condition, so a rerun redraws them);
+    the first k are the same for every n >= k."""
     out = {}
     for c in conditions:
         extra = {} if c.guidance is None else {"guidance": c.guidance}
         extra |= {} if c.guidance_contrast is None else {"guidance_contrast": c.guidance_contrast}
-        out[c.name] = gen.generate(n, elements=list(c.elements) if c.elements else None, ehull=c.ehull,
-                                   temperature=temperature, seed=seed, **extra)
+        whole_blocks = -(-n // BLOCK) * BLOCK  # a batch's draws depend on its size: only whole ones repeat
+        out[c.name] = gen.generate(whole_blocks, elements=list(c.elements) if c.elements else None, ehull=c.ehull,
+                                   temperature=temperature, seed=seed, batch_size=BLOCK, **extra)[:n]
     return out
 
 

@@ -2,6 +2,7 @@
 from a random-weight model (the grammar guarantees it, not training); bad specs are one-line errors."""
 from __future__ import annotations
 
+import importlib
 import math
 from collections import Counter
 
@@ -222,3 +223,17 @@ def test_conditioning_verdict_needs_low_to_have_stable_samples_at_all(monkeypatc
     assert verdict((0.01, 0.4), (0.1, 0.3))["share_1.5x"] is False
     assert verdict((0.3, 0.2), (0.2, 0.0))["share_1.5x"] is True  # some stable against none
     assert verdict((0.3, 0.0), (0.2, 0.0))["share_1.5x"] is False  # none against none separates nothing
+
+
+def test_a_larger_n_extends_a_screening_draw_so_a_finished_log_resumes(generator, monkeypatch):
+    from scripts import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    screening = importlib.import_module("screening")
+    arm = [screening.Condition("Al-Ca-Cu/low", ("Al", "Ca", "Cu"), "low")]
+    k = screening.BLOCK + 2
+    small = screening.draw(generator, arm, k, 1.0, 0)["Al-Ca-Cu/low"]
+    large = screening.draw(generator, arm, 2 * screening.BLOCK + 1, 1.0, 0)["Al-Ca-Cu/low"]
+    # Relaxing is the costly part: growing -n must keep the samples already relaxed.
+    assert len(large) == 2 * screening.BLOCK + 1
+    assert [str(s.sequence) for s in large[:k]] == [str(s.sequence) for s in small]
