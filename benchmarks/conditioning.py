@@ -2,7 +2,7 @@
 
     python benchmarks/conditioning.py [--model DIR] [--systems Al-Ca-Cu Ce-In-Pd Li-Co-O Sr-Ti-O]
                                       [-n 50] [--temperature 1.0] [--guidance W ...]
-                                      [--guidance-contrast opposite|unknown] [--seed 0]
+                                      [--guidance-contrast opposite|unknown] [--no-unconditioned] [--seed 0]
                                       [--workers 2] [--log conditioning.jsonl] [--out conditioning.json]
 
     python benchmarks/conditioning.py --systems Al-Ca-Cu -n 20 --guidance 1 3   # off, and guidance 3
@@ -40,11 +40,12 @@ def arm_name(system: str, ehull: str, w: float, contrast: str = "opposite") -> s
     return f"{system}/{ehull}/w{w:g}" + ("" if contrast == "opposite" else f"-vs-{contrast}")
 
 
-def arms(system: str, weights: list[float], contrast: str = "opposite") -> list[tuple[str, str | None, float | None]]:
+def arms(system: str, weights: list[float], contrast: str = "opposite",
+         unconditioned: bool = True) -> list[tuple[str, str | None, float | None]]:
     """(name, ehull, guidance) of one system's arms: low and high at each guidance weight, and none
-    (the model draws the class; guidance does not apply)."""
+    (the model draws the class; guidance does not apply) unless `unconditioned` is False."""
     out = [(arm_name(system, c, w, contrast), c, w) for w in weights for c in ("low", "high")]
-    return out + [(f"{system}/none", None, None)]
+    return out + ([(f"{system}/none", None, None)] if unconditioned else [])
 
 
 def verdicts(report: dict, systems: list[str], weights: list[float], contrast: str = "opposite") -> dict[str, dict]:
@@ -71,12 +72,15 @@ def main() -> None:
     p.add_argument("--guidance-contrast", choices=GUIDANCE_CONTRASTS,
                    help="stability token of the guidance's contrast sequence (SamplingConfig.guidance_contrast; "
                         "default: the model's); 'unknown' needs a model trained with stability_dropout")
+    p.add_argument("--no-unconditioned", action="store_true",
+                   help="skip the `none` arm (it is context, not part of the verdict; a third of the relaxations)")
     args = p.parse_args()
     recommended = SamplingConfig.from_pretrained(resolve_model_path(args.model))
     args.guidance = args.guidance or [recommended.guidance]
     contrast = args.guidance_contrast = args.guidance_contrast or recommended.guidance_contrast
     conditions = [screening.Condition(name, tuple(system.split("-")), ehull, w, None if w is None else contrast)
-                  for system in args.systems for name, ehull, w in arms(system, args.guidance, contrast)]
+                  for system in args.systems
+                  for name, ehull, w in arms(system, args.guidance, contrast, not args.no_unconditioned)]
     report = screening.run_from_args(args, "conditioning", conditions, systems=args.systems, guidance=args.guidance,
                                      guidance_contrast=contrast)
     report["verdicts"] = verdicts(report, args.systems, args.guidance, contrast)

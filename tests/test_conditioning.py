@@ -204,6 +204,8 @@ def test_guided_arms_name_their_contrast_so_one_log_never_resumes_the_other(monk
     assert opposite & unknown == {"Al-Ca-Cu/low", "Al-Ca-Cu/high", "Al-Ca-Cu/none"}
     assert {"Al-Ca-Cu/low/w3", "Al-Ca-Cu/high/w3"} <= opposite
     assert {"Al-Ca-Cu/low/w3-vs-unknown", "Al-Ca-Cu/high/w3-vs-unknown"} <= unknown
+    # --no-unconditioned drops only the `none` arm, which the verdict does not use.
+    assert unknown - {name for name, *_ in conditioning.arms("Al-Ca-Cu", [1, 3], "unknown", False)} == {"Al-Ca-Cu/none"}
 
 
 def test_conditioning_verdict_needs_low_to_have_stable_samples_at_all(monkeypatch):
