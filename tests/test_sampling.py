@@ -430,3 +430,26 @@ def test_recommended_guidance_applies_to_an_asked_class_only(tmp_path):
     assert texts(ehull="low") != texts(ehull="low", config=SamplingConfig())
     # Unconditional: the class is drawn, not asked for, and samples stay the model's own distribution.
     assert texts() == texts(config=SamplingConfig())
+
+
+@pytest.mark.parametrize("dropout, init_from, refused", [(0.0, None, True), (0.15, None, False),
+                                                         (0.0, "bundled", False)])
+def test_guidance_against_unknown_is_refused_for_a_model_that_never_learnt_that_token(tmp_path, dropout, init_from,
+                                                                                       refused):
+    import json
+
+    from wyckoffgpt import CrystalGenerator
+    from wyckoffgpt.structure_io import InputError
+
+    folder = save_random_model(tmp_path / "model")
+    (folder / "training_summary.json").write_text(
+        json.dumps({"train_config": {"stability_dropout": dropout, "init_from": init_from}}))
+    gen = CrystalGenerator.from_pretrained(folder, device="cpu")
+    guided = {"ehull": "low", "guidance": 3.0, "guidance_contrast": "unknown", "seed": 0}
+    if refused:  # trained from scratch without stability_dropout: `unknown` means nothing to it
+        with pytest.raises(InputError, match="stability_dropout"):
+            gen.generate(2, **guided)
+    else:  # trained with it, or fine-tuned from a model that may have been
+        assert len(gen.generate(2, **guided)) == 2
+    # Without an asked class guidance does not apply, so there is nothing to refuse.
+    assert len(gen.generate(2, guidance=3.0, guidance_contrast="unknown", seed=0)) == 2

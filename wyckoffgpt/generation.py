@@ -8,6 +8,7 @@ its decoding and filter outcome in `flags`, so nothing is dropped without a trac
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -192,6 +193,9 @@ class CrystalGenerator:
             limits = Limits(min(limits.max_sites, fit), limits.max_atoms)
         self.limits = limits
         self.sampling_defaults = SamplingConfig.resolve(sampling_defaults)
+        # Whether the model learnt `ehull:unknown` (trained with stability_dropout); None: not known.
+        # from_pretrained reads it from the folder's training_summary.json.
+        self.learned_unknown: bool | None = None
         self.last_seed: int | None = None
 
     @classmethod
@@ -218,8 +222,10 @@ class CrystalGenerator:
         vocab = _load_vocab(folder, model.config.vocab_hash)
         if len(vocab) != model.config.vocab_size:
             raise InputError(f"model folder {folder}: vocabulary has {len(vocab)} tokens, model {model.config.vocab_size}")
-        return cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads,
-                   sampling_defaults=SamplingConfig.from_pretrained(folder))
+        gen = cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads,
+                  sampling_defaults=SamplingConfig.from_pretrained(folder))
+        gen.learned_unknown = learned_unknown(folder)
+        return gen
 
     def sampling_config(self, config: SamplingConfig | None = None, **overrides: Any) -> SamplingConfig:
         """`config` (default: `sampling_defaults`, the model's recommendation) with keyword overrides
@@ -326,13 +332,23 @@ class CrystalGenerator:
         cond = self.conditions(elements=elements, ehull=ehull, spacegroup=spacegroup, formula=formula,
                                formula_units=formula_units, wyckoff=wyckoff, complete_sites=complete_sites)
         prefix = self.prompt_prefix(prompt, cond)
-        if config.guided and not self._asks_guided_class(cond, prefix, config):
-            config = config.replace(guidance=1.0)  # guidance sharpens a class asked for, not a drawn one
+        config = self.guided_config(cond, prefix, config)
         analogues = self.analogues(cond, config, prompt)
         self.last_seed = seed = secrets.randbits(63) if config.seed is None else int(config.seed)
         config = config.replace(seed=seed)
         todo = range(math.ceil(n / config.batch_size)) if batches is None else batches
         return self._batches(Sampler(self.model, config), cond, analogues, prefix, n, todo, on_finished)
+
+    def guided_config(self, cond: Conditions, prefix: tuple[list[int], list[float]] | None,
+                      config: SamplingConfig) -> SamplingConfig:
+        """`config` with guidance off where the request fixes no class for it to act on; InputError
+        where it cannot work (against `ehull:unknown` with a model that never learnt that token)."""
+        if config.guided and not self._asks_guided_class(cond, prefix, config):
+            return config.replace(guidance=1.0)  # guidance sharpens a class asked for, not a drawn one
+        if config.guided and config.guidance_contrast == "unknown" and self.learned_unknown is False:
+            raise InputError("guidance against ehull:unknown needs a model trained with stability_dropout; this "
+                             "one never saw that token (use --guidance-contrast opposite, or such a model)")
+        return config
 
     def _asks_guided_class(self, cond: Conditions, prefix: tuple[list[int], list[float]] | None,
                            config: SamplingConfig) -> bool:
@@ -419,6 +435,19 @@ class CrystalGenerator:
         if check_unique:
             mark_duplicates(results)
         return results
+
+
+def learned_unknown(folder: Path) -> bool | None:
+    """Whether the model in `folder` was trained to read `ehull:unknown` (its training_summary.json
+    records stability_dropout > 0). False for a model trained from scratch without it; None when the
+    folder does not say (no summary, or fine-tuned from another model, which may have learnt it)."""
+    try:
+        cfg = json.loads((folder / "training_summary.json").read_text()).get("train_config", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    if (cfg.get("stability_dropout") or 0) > 0:
+        return True
+    return False if cfg.get("init_from") is None else None
 
 
 def batch_seed(seed: int, batch: int) -> int:

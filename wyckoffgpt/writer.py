@@ -369,7 +369,9 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
     if not resume and any(p.exists() for p in held):
         raise RunError(f"{out} already holds a run; resume it or choose another folder")
     conditions = settings.conditions()
-    gen.prompt_prefix(settings.prompt, gen.conditions(**{k: v for k, v in conditions.items() if k != "prompt"}))
+    # Every check of the request, before anything is written.
+    cond = gen.conditions(**{k: v for k, v in conditions.items() if k != "prompt"})
+    gen.guided_config(cond, gen.prompt_prefix(settings.prompt, cond), settings.sampling)
     if settings.sampling.seed is None:
         import secrets
 
