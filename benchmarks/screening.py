@@ -59,11 +59,11 @@ def draw(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, tempera
          seed: int) -> dict[str, list[GeneratedCrystal]]:
     """n seeded samples per condition (the same seed for every condition, so a rerun redraws them);
     the first k are the same for every n >= k."""
+    whole_blocks = -(-n // BLOCK) * BLOCK  # a batch's draws depend on its size: only whole ones repeat
     out = {}
     for c in conditions:
         extra = {} if c.guidance is None else {"guidance": c.guidance}
         extra |= {} if c.guidance_contrast is None else {"guidance_contrast": c.guidance_contrast}
-        whole_blocks = -(-n // BLOCK) * BLOCK  # a batch's draws depend on its size: only whole ones repeat
         out[c.name] = gen.generate(whole_blocks, elements=list(c.elements) if c.elements else None, ehull=c.ehull,
                                    temperature=temperature, seed=seed, batch_size=BLOCK, **extra)[:n]
     return out

@@ -167,9 +167,12 @@ class CrystalGenerator:
 
     def __init__(self, model: torch.nn.Module, vocab: Vocab, limits: Limits | None = None,
                  device: str | torch.device | None = None, cpu_threads: int | None = None,
-                 sampling_defaults: SamplingConfig | None = None):
+                 sampling_defaults: SamplingConfig | None = None, learned_unknown: bool | None = None):
         """`sampling_defaults`: the settings used when a call passes no `config` (default:
         `SamplingConfig()`; `from_pretrained` reads the model folder's recommendation).
+        `learned_unknown`: whether the model learnt `ehull:unknown` (trained with stability_dropout),
+        None when not known; guidance against that token is refused when False (`from_pretrained`
+        reads it from the folder, see `learned_unknown`).
         `cpu_threads`: torch intra-op threads while sampling on CPU. Default 1 unless
         OMP_NUM_THREADS is set: a sampling step is many small ops, and intra-op threads cost more in
         synchronisation than they gain (on a busy 2-core machine, 50 samples took 0.4 s with one
@@ -193,9 +196,7 @@ class CrystalGenerator:
             limits = Limits(min(limits.max_sites, fit), limits.max_atoms)
         self.limits = limits
         self.sampling_defaults = SamplingConfig.resolve(sampling_defaults)
-        # Whether the model learnt `ehull:unknown` (trained with stability_dropout); None: not known.
-        # from_pretrained reads it from the folder's training_summary.json.
-        self.learned_unknown: bool | None = None
+        self.learned_unknown = learned_unknown
         self.last_seed: int | None = None
 
     @classmethod
@@ -222,10 +223,8 @@ class CrystalGenerator:
         vocab = _load_vocab(folder, model.config.vocab_hash)
         if len(vocab) != model.config.vocab_size:
             raise InputError(f"model folder {folder}: vocabulary has {len(vocab)} tokens, model {model.config.vocab_size}")
-        gen = cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads,
-                  sampling_defaults=SamplingConfig.from_pretrained(folder))
-        gen.learned_unknown = learned_unknown(folder)
-        return gen
+        return cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads,
+                   sampling_defaults=SamplingConfig.from_pretrained(folder), learned_unknown=learned_unknown(folder))
 
     def sampling_config(self, config: SamplingConfig | None = None, **overrides: Any) -> SamplingConfig:
         """`config` (default: `sampling_defaults`, the model's recommendation) with keyword overrides
