@@ -268,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace, out: Path) -> int:
 
+    import gc
+
     import transformers
     from tqdm import tqdm
 
@@ -282,6 +284,9 @@ def generate(args: argparse.Namespace, out: Path) -> int:
     try:
         limits = Limits(max_atoms=args.max_atoms) if args.max_atoms else None
         gen = CrystalGenerator.from_pretrained(args.model, device=args.device, limits=limits)
+        # The modules and the model live until exit: keep the garbage collector from walking their
+        # objects in every full collection and at exit (0.8 s of a 2,000-sample run's 27 s).
+        gc.freeze()
         # fail before any sampling
         gen.prompt_prefix(args.prompt, gen.conditions(args.elements, args.ehull, args.spacegroup, **exact))
     except InputError as e:

@@ -132,3 +132,25 @@ def test_merge_decides_duplicates_again_across_parts_instead_of_keeping_a_ranks_
         w.writerows(part_rows)
     write_run(gen, RunSettings.from_dict(settings), tmp_path / "two", worker=False, share=Share(0, 2))
     assert rows(tmp_path / "two") == rows(tmp_path / "one")
+
+
+def test_a_part_prepared_by_the_sampler_gets_the_rows_the_worker_gives(model_dir, tmp_path):
+    # The sampler, with nothing left to draw, prepares the last parts (canonical forms computed at
+    # once, sent through a pipe) and the worker only puts them through the duplicate index.
+    import pickle
+
+    from wyckoffgpt.duplicates import DuplicateIndex
+
+    gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
+    settings = RunSettings.from_dict({"n": 16, "elements": ["Al", "Ca", "Cu"], "seed": 5, "batch_size": 16})
+    batch = next(gen.iter_batches(16, elements=["Al", "Ca", "Cu"], config=settings.sampling))
+    batch = batch + [(i + 16, seq, r) for i, seq, r in batch]  # each crystal twice: the second a duplicate
+    finishers = {}
+    for name in ("worker", "sampler"):
+        (tmp_path / name).mkdir()
+        finishers[name] = writer._Finisher(gen.vocab, settings, tmp_path / name, DuplicateIndex(vocab=gen.vocab))
+    by_worker = finishers["worker"](batch)
+    prepared = pickle.loads(pickle.dumps(finishers["sampler"].prepare(batch, forms=True)))
+    by_sampler = [finishers["sampler"].commit(*item) for item in prepared]
+    assert by_sampler == by_worker
+    assert sum("duplicate" in r["flags"] for r in by_worker) >= sum(bool(r["file"]) for r in by_worker) / 2

@@ -10,8 +10,10 @@ duplicate index (`duplicates.DuplicateIndex`, grown one structure at a time) and
 
 Both cores: the main process samples (the model) while one worker process decodes, filters,
 writes the structure files and keeps the duplicate index, a batch behind, and hands back the rows;
-whenever the worker has nothing to finish it draws the next batch itself (`_Claims`), so both cores
-sample when finishing is the lighter side. The rows do not depend on which process drew a batch.
+whenever the worker has nothing to finish it draws the next batch itself, and once nothing is left
+to draw the main process prepares the last batches' parts (all but the duplicate index) from the
+end (`_Claims`), so neither core waits for the other. The rows do not depend on which process drew
+or prepared what.
 
 Resume: batch b is drawn from its own random stream (`generation.batch_seed`), so a run killed at
 any point continues with `resume=True` from the rows it had written: the summary is cut back to
@@ -43,6 +45,8 @@ from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import Vocab
 
 SHARD_SIZE = 1000  # structure files per subfolder
+MAX_AHEAD = 4  # batches the sampler hands the worker before it waits for their rows
+PARTS = 8  # a batch is finished in this many parts, so that the two processes' shares meet closely
 FORMATS = {"cif": ".cif", "extxyz": ".extxyz", "json": ".json"}
 CSV_FIELDS = ["index", "file", "formula", "reduced_formula", "requested_spacegroup", "detected_spacegroup",
               "num_sites", "density", "min_distance", "charge_balanced", "flags", "retries", "temperature", "sequence"]
@@ -200,36 +204,53 @@ def summary_row(r: GeneratedCrystal, file: str) -> dict:
 
 class _Finisher:
     """Turns sampled sequences into summary rows and files, flagging duplicates as it goes (batches
-    arrive in index order, so "earlier" means a lower index)."""
+    arrive in index order, so "earlier" means a lower index). Two steps: `prepare` (everything but
+    the duplicate index, in any process and order) and `commit` (the index, in index order)."""
 
     def __init__(self, vocab: Vocab, settings: RunSettings, out: Path, index: DuplicateIndex):
         self.tokenizer = CrystalTokenizer(vocab)
         self.settings, self.out, self.index = settings, out, index
 
     def __call__(self, batch: list[tuple[int, CrystalSequence, int]]) -> list[dict]:
+        return [self.commit(*item) for item in self.prepare(batch)]
+
+    def prepare(self, batch: list[tuple[int, CrystalSequence, int]], forms: bool = False) -> list[tuple]:
+        """Per sample: its summary row (no duplicate flag yet), and for a valid one its structure,
+        spglib dataset and, with `forms`, its canonical form (else the index computes one only when
+        the formula repeats); the structure file is written."""
         s = self.settings
-        rows = []
+        prepared = []
         for index, seq, retries in batch:
             r = finish_sample(self.tokenizer, index, seq, retries, s.sampling)
             file = write_structure(self.out, r, s.format)
             # The filter's spglib call serves the duplicate index too when both use one tolerance.
-            known = r.symmetry if s.sampling.symprec == self.index.symprec else None
-            if file and self.index.add(r.structure, r.index, known_dataset=known) is not None:
-                r.flags.append("duplicate")
+            known = r.symmetry if file and s.sampling.symprec == self.index.symprec else None
+            form = self.index.form(r.structure, known) if file and forms else None
             r.symmetry = None
-            rows.append(summary_row(r, file))
-        return rows
+            prepared.append((summary_row(r, file), r.structure if file else None, None if forms else known, form))
+        return prepared
+
+    def commit(self, row: dict, structure: Structure | None, known, form) -> dict:
+        """The row, flagged "duplicate" when its crystal matches an earlier one in the index."""
+        if row["file"] and self.index.add(structure, row["index"], form=form, known_dataset=known) is not None:
+            row["flags"] = f"{row['flags']}|duplicate" if row["flags"] else "duplicate"
+        return row
+
+
+WORKER, SAMPLER = 1, 2  # who finishes a batch
 
 
 class _Claims:
     """The batches still to draw, handed out in order to whichever process asks first: the sampler,
     or the worker when it has nothing to finish (so both cores sample when finishing is the lighter
     side). Any process can draw any batch (its own random stream), so who draws it does not change
-    the rows."""
+    the rows. Likewise who finishes each batch: the worker from the first, the sampler, once
+    nothing is left to draw, from the last it drew, until they meet."""
 
     def __init__(self, context, total: int):
         self.total = total
         self._next = context.Value("i", 0)
+        self._finisher = context.Array("b", total * PARTS, lock=self._next.get_lock())
 
     def claim(self) -> int | None:
         """Position in the run's batch list of the next batch to draw, or None when all are taken."""
@@ -240,25 +261,47 @@ class _Claims:
             self._next.value = k + 1
             return k
 
+    def finish(self, unit: int, who: int) -> bool:
+        """Whether `who` (WORKER or SAMPLER) finishes `unit`, part unit % PARTS of the batch at
+        position unit // PARTS (the first to ask does)."""
+        with self._next.get_lock():
+            if self._finisher[unit] == 0:
+                self._finisher[unit] = who
+            return self._finisher[unit] == who
+
+
+def _part(batch: list, part: int) -> list:
+    """The part-th of a batch's PARTS consecutive slices (the unit of finishing)."""
+    return batch[len(batch) * part // PARTS:len(batch) * (part + 1) // PARTS]
+
 
 def _worker_loop(draw: Callable[[int], list] | None, todo: list[int], claims: _Claims, finisher_args: tuple,
                  inbox, outbox, parent: int) -> None:
     """The worker process: finish the batches in index order (the duplicate index sees them in
     order), each drawn by the sampler (arriving in `inbox`) or, while the next one in order is not
-    there yet, by itself (`draw`; None: it only finishes). One message per batch in `outbox`."""
+    there yet, by itself (`draw`; None: it only finishes); a part the sampler finished arrives
+    prepared and only goes through the index. One message per part in `outbox`."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         finish = _Finisher(*finisher_args)
-        drawn: dict[int, list] = {}
-        for b in todo:
-            while b not in drawn:
-                k = claims.claim() if draw is not None and inbox.empty() else None
-                if k is not None:
-                    drawn[todo[k]] = draw(todo[k])
+        got: dict[tuple[str, int], list] = {}
+        for unit in range(len(todo) * PARTS):
+            k, part = divmod(unit, PARTS)
+            need = ("drawn", k) if claims.finish(unit, WORKER) else ("prepared", unit)
+            while need not in got:
+                j = claims.claim() if draw is not None and inbox.empty() else None
+                if j is not None:
+                    got["drawn", j] = draw(todo[j])
                 else:
-                    got, batch = inbox.get()
-                    drawn[got] = batch
-            outbox.put(("rows", finish(drawn.pop(b))))
+                    kind, position, payload = inbox.get()
+                    got[kind, position] = payload
+            if need[0] == "drawn":
+                rows = finish(_part(got[need], part))
+            else:
+                rows = [finish.commit(*item) for item in got.pop(need)]
+            if part == PARTS - 1:
+                got.pop(("drawn", k), None)
+            outbox.put(("rows", rows))
     except BaseException as e:  # handed to the sampler, which raises it
         outbox.put(("error", e))
 
@@ -462,7 +505,9 @@ def _run_with_worker(draw: Callable[[int], list], todo: list[int], finisher_args
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     claims = _Claims(context, len(todo))
-    inbox, outbox = context.SimpleQueue(), context.Queue()
+    # Queues with a feeder thread: a put returns at once, so the sampler never waits for the worker to
+    # read a batch (a pipe holds 64 kB; a SimpleQueue blocked the sampler for seconds per batch).
+    inbox, outbox = context.Queue(), context.Queue()
     proc = context.Process(target=_worker_loop, daemon=True,
                            args=(draw if method == "fork" else None, todo, claims, finisher_args, inbox, outbox,
                                  os.getpid()))
@@ -489,18 +534,37 @@ def _run_with_worker(draw: Callable[[int], list], todo: list[int], finisher_args
                 on_finished(len(payload))
             return True
 
+    sent = 0
+    drawn_here: dict[int, list] = {}  # position -> batch, of the last MAX_AHEAD batches drawn here
     try:
         while (k := claims.claim()) is not None:
-            inbox.put((todo[k], draw(todo[k])))
+            drawn_here[k] = draw(todo[k])
+            inbox.put(("drawn", k, drawn_here[k]))
+            sent += 1
+            drawn_here = {j: batch for j, batch in drawn_here.items() if j > k - MAX_AHEAD}
             while receive(block=False):
                 pass
-        while received < len(todo):
+            # Memory: the sampler runs at most MAX_AHEAD batches ahead of the rows written.
+            while sent - received / PARTS >= MAX_AHEAD:
+                receive(block=True)
+        # Nothing left to draw: rather than wait, prepare the last batches here (the worker then only
+        # puts them through the duplicate index), from the end until meeting the worker.
+        helper = _Finisher(*finisher_args)
+        for unit in sorted((k * PARTS + part for k in drawn_here for part in range(PARTS)), reverse=True):
+            if not claims.finish(unit, SAMPLER):
+                break
+            k, part = divmod(unit, PARTS)
+            inbox.put(("prepared", unit, helper.prepare(_part(drawn_here[k], part), forms=True)))
+            while receive(block=False):
+                pass
+        while received < len(todo) * PARTS:
             receive(block=True)
         proc.join()
     finally:
         if proc.is_alive():
             proc.terminate()
             proc.join()
+        inbox.cancel_join_thread()  # what a failed worker never read must not hold up the exit
 
 
 def default_worker(processes: int = 1) -> bool:
