@@ -202,7 +202,7 @@ class DuplicateIndex:
                  symprec: float = DEFAULT_SYMPREC, across_keys: bool = True):
         self.tolerances = tolerances or MatchTolerances()
         self.across_keys = across_keys
-        # formula -> [(label, key, atoms per primitive cell, sorted reduced lengths, reduced cell, compact structure)]
+        # formula -> [(label, key, atoms per primitive cell, sorted reduced lengths, reduced lattice, `_reduced_cell`)]
         self._by_formula: dict[str, list[tuple]] = {}
         self.vocab = vocab or default_vocab()
         self.symprec = symprec
@@ -211,7 +211,6 @@ class DuplicateIndex:
         # formula -> (label, *_compact(structure)) of its only crystal so far, or None once a second has come
         self._alone: dict[str, tuple | None] = {}
         self._matcher = None
-        self._matcher_reduced: dict[Hashable, tuple] = {}  # label -> compact `_matcher_reduced` structure
 
     def __len__(self) -> int:
         """Number of representatives (distinct crystals) held."""
@@ -283,20 +282,17 @@ class DuplicateIndex:
         near = np.all((ratio < 1 + self.tolerances.ltol) & (ratio > 1 / (1 + self.tolerances.ltol)), axis=1)
         reduced_structure = None
         for k in np.flatnonzero(near):
-            label, key, atoms, _, reduced, compact = held[k]
+            label, key, atoms, _, reduced, cell = held[k]
             if key == form.key or atoms != _primitive_atoms(form):
                 continue
             if Lattice(reduced).find_mapping(form.reduced, self.tolerances.ltol, self.tolerances.angle_tol,
                                           skip_rotation_matrix=True) is None:
                 continue
-            # StructureMatcher reduces both structures (primitive, Niggli) on every call; each one is
-            # reduced once here instead, and the held one's reduction kept for later comparisons.
+            # StructureMatcher compares Niggli-reduced primitive cells: built from the canonical forms
+            # (the group's centering) instead of pymatgen's search for a primitive cell (~6 ms each).
             if reduced_structure is None:
-                reduced_structure = _matcher_reduced(structure)
-            if label not in self._matcher_reduced:
-                self._matcher_reduced[label] = _compact(_matcher_reduced(_restore(*compact)))
-            if self._structure_matcher().fit(_restore(*self._matcher_reduced[label]), reduced_structure,
-                                             skip_structure_reduction=True):
+                reduced_structure = _restore(*_reduced_cell(form, _scale(form, structure)))
+            if self._structure_matcher().fit(_restore(*cell), reduced_structure, skip_structure_reduction=True):
                 return label
         return None
 
@@ -316,7 +312,7 @@ class DuplicateIndex:
         if structure is not None and self.across_keys:
             self._by_formula.setdefault(form.formula, []).append(
                 (label, form.key, _primitive_atoms(form), np.sort(form.reduced.abc), form.reduced.matrix,
-                 _compact(structure)))
+                 _reduced_cell(form, _scale(form, structure))))
         bucket = self._buckets.get(form.key)
         if bucket is None:
             bucket = self._buckets[form.key] = _Bucket(form)
@@ -345,10 +341,22 @@ def _restore(lattice: np.ndarray, numbers: np.ndarray, coords: np.ndarray) -> St
     return Structure(lattice, numbers.tolist(), coords)
 
 
-def _matcher_reduced(structure: Structure) -> Structure:
-    """The structure StructureMatcher compares (its Niggli-reduced primitive cell, as
-    `StructureMatcher.fit` reduces it unless told to skip that)."""
-    return Structure.from_sites(structure).get_reduced_structure(reduction_algo="niggli").get_primitive_structure()
+def _scale(form: CanonicalForm, structure: Structure) -> float:
+    """Length scale of `structure` relative to its form's unit-volume cell."""
+    return (structure.volume * len(form.coords) / len(structure)) ** (1 / 3)
+
+
+def _reduced_cell(form: CanonicalForm, scale: float) -> tuple:
+    """The crystal as StructureMatcher compares it, its Niggli-reduced primitive cell at `scale`,
+    compact (see `_compact`): the atoms of the conventional cell in the reduced basis, one of each set
+    of centring copies."""
+    reduced = form.reduced.matrix
+    frac = (form.coords @ form.lattice) @ np.linalg.inv(reduced)
+    frac -= np.floor(frac)
+    # Centring copies land on one point of the primitive cell (up to rounding, and 0 ~ 1).
+    _, first = np.unique(np.rint(frac * 1e4).astype(np.int64) % 10000, axis=0, return_index=True)
+    first.sort()
+    return reduced * scale, form.species[first], frac[first]
 
 
 def find_duplicates(structures: Sequence[Structure | None], tolerances: MatchTolerances | None = None
