@@ -16,6 +16,7 @@ order or supercell:
 """
 from __future__ import annotations
 
+import math
 import warnings
 from functools import cache
 
@@ -179,27 +180,51 @@ def _polar_origins(table: SpaceGroupTable, orbits: Orbits, positions: list[Wycko
     return origins
 
 
+def _image_position(table: SpaceGroupTable, op_index: int, pos: WyckoffPosition,
+                    moved_coords: np.ndarray) -> WyckoffPosition:
+    """The position normalizer operation `op_index` maps `pos` onto (`moved_coords`: an orbit of
+    `pos` so moved), searched once per group, operation and position (the search was 40 % of the
+    canonical description's time)."""
+    key = (op_index, pos.index)
+    image = table.position_images.get(key)
+    if image is None:
+        image = table.position_images[key] = _find_position(table, moved_coords)
+    return image
+
+
+_AFTER_LEAD = ((math.inf,),)  # sorts after every site key
+
+
+def _lead_key(table: SpaceGroupTable, moved: Orbits, positions: list[WyckoffPosition], origin: np.ndarray) -> tuple:
+    """The first-ranked orbits' part of a candidate's key (they sort first), closed by a marker
+    that sorts after every site key. Two candidates' lead keys order them as their full keys do
+    wherever they differ: a shorter lead part means a later-ranked orbit where the other has a
+    first-ranked one. Only candidates with equal lead keys need the other orbits looked at."""
+    ranks = [(pos.index, z) for (z, _, _), pos in zip(moved, positions)]
+    lead = [i for i, r in enumerate(ranks) if r == min(ranks)]
+    shifted = _moved([moved[i] for i in lead], np.eye(3), -origin)
+    return _describe_variant(table, shifted, [positions[i] for i in lead])[0] + _AFTER_LEAD
+
+
 def canonical_sites(table: SpaceGroupTable, orbits: Orbits) -> list[tuple]:
-    """Smallest-key description over the normalizer cosets and polar origins."""
+    """Smallest-key description over the normalizer cosets and polar origins (compared on their
+    first-ranked orbits first, `_lead_key`: most candidates are decided there)."""
     candidates = []
-    for op in table.normalizer:
+    found = [_find_position(table, c) for _, c, _ in orbits]
+    for op_index, op in enumerate(table.normalizer):
         rot, trans = op[:9].reshape(3, 3), op[9:]
         moved = _moved(orbits, rot, trans)
         # A shift along polar axes maps every orbit onto the same position: find them once.
-        positions = [_find_position(table, c) for _, c, _ in moved]
-        origins = _polar_origins(table, moved, positions)
-        if len(origins) > 1:
-            # The first-ranked orbits sort first in the key: only origins that minimise their part
-            # can win, so the other orbits are looked at for those origins only.
-            ranks = [(pos.index, z) for (z, _, _), pos in zip(moved, positions)]
-            lead = [i for i, r in enumerate(ranks) if r == min(ranks)]
-            prefixes = [_describe_variant(table, [_moved([moved[i]], np.eye(3), -o)[0] for i in lead],
-                                          [positions[i] for i in lead])[0] for o in origins]
-            origins = [o for o, p in zip(origins, prefixes) if p == min(prefixes)]
-        for origin in origins:
+        positions = [_image_position(table, op_index, pos, c) for pos, (_, c, _) in zip(found, moved)]
+        for origin in _polar_origins(table, moved, positions):
+            candidates.append((_lead_key(table, moved, positions, origin), moved, positions, origin))
+    lead = min(c[0] for c in candidates)
+    full = []
+    for key, moved, positions, origin in candidates:
+        if key == lead:
             shifted = _moved(moved, np.eye(3), -origin)
-            candidates.append((_describe_variant(table, shifted, positions)[0], shifted, positions))
-    _, best, positions = min(candidates, key=lambda kv: kv[0])
+            full.append((_describe_variant(table, shifted, positions)[0], shifted, positions))
+    _, best, positions = min(full, key=lambda kv: kv[0])
     sites = _describe_variant(table, best, positions, refine=True)[1]
     if table.polar_axes:
         # The origin was put on one atom; atoms of a slightly asymmetric input disagree by ~1e-4,

@@ -69,6 +69,13 @@ class SpaceGroupTable:
     def by_letter(self) -> dict[str, WyckoffPosition]:
         return {p.letter: p for p in self.positions}
 
+    @cached_property
+    def position_images(self) -> dict[tuple[int, int], WyckoffPosition]:
+        """(normalizer operation, position index) -> the position the operation maps it onto,
+        filled by `symmetry.canonical_sites` as it meets them (an operation of the normalizer maps
+        each Wyckoff position onto one Wyckoff position, whatever the free parameters)."""
+        return {}
+
 
 class Vocab:
     """Token strings <-> ids, token classes, and the Wyckoff tables."""

@@ -182,16 +182,22 @@ def write_results(results: Iterable[GeneratedCrystal], out: str | os.PathLike, f
     return writer.counts
 
 
+AMU_PER_A3_IN_G_PER_CM3 = 1.66053906660  # 1 amu/Å³ in g/cm³
+
+
 def summary_row(r: GeneratedCrystal, file: str) -> dict:
     s = r.structure
+    # One Composition for all columns (Structure.composition builds a new one on every access, and
+    # Structure.density converts units through pymatgen's unit objects: half a millisecond a row).
+    comp = s.composition if s is not None else None
     return {
         "index": r.index, "file": file,
-        "formula": s.formula.replace(" ", "") if s is not None else "",
-        "reduced_formula": s.composition.reduced_formula if s is not None else "",
+        "formula": comp.formula.replace(" ", "") if s is not None else "",
+        "reduced_formula": comp.reduced_formula if s is not None else "",
         "requested_spacegroup": r.spacegroup if r.spacegroup is not None else "",
         "detected_spacegroup": r.detected_spacegroup if r.detected_spacegroup is not None else "",
         "num_sites": len(s) if s is not None else "",
-        "density": f"{s.density:.4f}" if s is not None else "",
+        "density": f"{comp.weight * AMU_PER_A3_IN_G_PER_CM3 / s.volume:.4f}" if s is not None else "",
         "min_distance": f"{r.min_distance:.4f}" if r.min_distance is not None else "",
         "charge_balanced": "" if r.charge_balanced is None else str(r.charge_balanced).lower(),
         "flags": "|".join(r.flags) + (f": {r.error}" if r.error else ""),
