@@ -115,6 +115,33 @@ def test_cached_forward_matches_uncached(position_embedding):
     torch.testing.assert_close(torch.cat(hidden, 1), full.last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+def test_sampler_kv_cache_matches_dynamic_cache_through_steps_and_row_selection():
+    # The sampler's KVCache (reused buffers, no allocation per step) stands in for DynamicCache:
+    # the same logits through a prompt, single-token steps and finished rows leaving the batch.
+    from transformers.cache_utils import DynamicCache
+
+    from wyckoffgpt.sampling import KVCache
+
+    model = tiny()
+    batch = batch_of(4, seed=5)
+    ids, vals = batch["input_ids"], batch["input_values"]
+    results = []
+    for cache in (DynamicCache(), KVCache()):
+        with torch.no_grad():  # KVCache is for sampling: no gradients
+            rows = torch.arange(4)
+            logits = [model(ids[:, :4], vals[:, :4], cache=cache, use_cache=True).logits]
+            for t in range(4, ids.shape[1]):
+                if t in (6, 9):  # a row finishes: the others go on
+                    keep = torch.arange(1, len(rows))
+                    rows = rows[keep]
+                    cache.batch_select_indices(keep)
+                logits.append(model(ids[rows, t : t + 1], vals[rows, t : t + 1], cache=cache, use_cache=True).logits)
+            assert cache.get_seq_length() == ids.shape[1]
+            results.append(logits)
+    for dynamic, reused in zip(*results):
+        torch.testing.assert_close(reused, dynamic, atol=1e-6, rtol=1e-6)
+
+
 def test_forward_refuses_an_unknown_keyword_and_keeps_the_cache_alias():
     # A misspelt keyword used to vanish into **kwargs: `labels=` would give no loss and no error.
     model = tiny()

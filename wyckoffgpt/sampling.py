@@ -399,7 +399,8 @@ class KVCache:
     buffers per layer and tensor, used in turn: each step writes the grown keys and values (and
     each row selection the kept rows) into the other buffer as one contiguous block. The same
     copies as DynamicCache's torch.cat, without a new allocation per step and layer: those
-    fragmented the heap, so that a sampling process's peak memory grew with each batch drawn."""
+    fragmented the heap, so that a sampling process's peak memory grew with each batch drawn.
+    For sampling only (under no_grad: writes into a buffer have no gradient)."""
 
     def __init__(self) -> None:
         self._buffers: list[list[torch.Tensor]] = []  # per layer: [keys a, keys b, values a, values b]
