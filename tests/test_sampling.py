@@ -432,8 +432,12 @@ def test_recommended_guidance_applies_to_an_asked_class_only(tmp_path):
     assert texts() == texts(config=SamplingConfig())
 
 
-@pytest.mark.parametrize("dropout, init_from, refused", [(0.0, None, True), (0.15, None, False),
-                                                         (0.0, "bundled", False)])
+@pytest.mark.parametrize("dropout, init_from, refused", [
+    (0.0, None, True), (0.15, None, False),
+    (0.0, "bundled", True),  # fine-tuned from the bundled model, which never learnt it either
+    (0.0, "base-with-dropout", False),  # fine-tuned from a local model that learnt it
+    (0.0, "someone/hub-model", False),  # a base that cannot be looked at: not refused
+])
 def test_guidance_against_unknown_is_refused_for_a_model_that_never_learnt_that_token(tmp_path, dropout, init_from,
                                                                                        refused):
     import json
@@ -441,15 +445,20 @@ def test_guidance_against_unknown_is_refused_for_a_model_that_never_learnt_that_
     from wyckoffgpt import CrystalGenerator
     from wyckoffgpt.structure_io import InputError
 
+    if init_from == "base-with-dropout":
+        base = tmp_path / "base"
+        base.mkdir()
+        (base / "training_summary.json").write_text(json.dumps({"train_config": {"stability_dropout": 0.15}}))
+        init_from = str(base)
     folder = save_random_model(tmp_path / "model")
     (folder / "training_summary.json").write_text(
         json.dumps({"train_config": {"stability_dropout": dropout, "init_from": init_from}}))
     gen = CrystalGenerator.from_pretrained(folder, device="cpu")
     guided = {"ehull": "low", "guidance": 3.0, "guidance_contrast": "unknown", "seed": 0}
-    if refused:  # trained from scratch without stability_dropout: `unknown` means nothing to it
+    if refused:  # neither it nor its base learnt stability_dropout: `unknown` means nothing to it
         with pytest.raises(InputError, match="stability_dropout"):
             gen.generate(2, **guided)
-    else:  # trained with it, or fine-tuned from a model that may have been
+    else:  # trained with it, fine-tuned from a model that was, or from one that cannot be looked at
         assert len(gen.generate(2, **guided)) == 2
     # Without an asked class guidance does not apply, so there is nothing to refuse.
     assert len(gen.generate(2, guidance=3.0, guidance_contrast="unknown", seed=0)) == 2

@@ -29,6 +29,7 @@ from .conditioning import ConditioningError, check_prompt, parse_formula, parse_
 from .decode import check_structure
 from .duplicates import find_duplicates
 from .grammar import Conditions, DecodeError, Limits, SequenceParser, check_conditions
+from .model_folder import BUNDLED_INIT, TRAINING_SUMMARY
 from .sampling import FIELD_NAMES, Sampler, SamplingConfig, check_num_samples, contrast_token_map
 from .structure_io import InputError
 from .tokenizer import CrystalSequence, CrystalTokenizer
@@ -436,17 +437,30 @@ class CrystalGenerator:
         return results
 
 
-def learned_unknown(folder: Path) -> bool | None:
-    """Whether the model in `folder` was trained to read `ehull:unknown` (its training_summary.json
-    records stability_dropout > 0). False for a model trained from scratch without it; None when the
-    folder does not say (no summary, or fine-tuned from another model, which may have learnt it)."""
+def learned_unknown(folder: Path, _depth: int = 0) -> bool | None:
+    """Whether the model in `folder` was trained to read `ehull:unknown`: its training_summary.json
+    records stability_dropout > 0, or it was fine-tuned without it from a model that was (followed
+    through the bundled model and local folders). False for a model trained from scratch without it,
+    or fine-tuned from one; None when the folder does not say (no summary, or a base model on the Hub
+    or no longer where it was)."""
     try:
-        cfg = json.loads((folder / "training_summary.json").read_text()).get("train_config", {})
+        cfg = json.loads((folder / TRAINING_SUMMARY).read_text()).get("train_config", {})
     except (OSError, ValueError, AttributeError):
         return None
     if (cfg.get("stability_dropout") or 0) > 0:
         return True
-    return False if cfg.get("init_from") is None else None
+    base = cfg.get("init_from")
+    if base is None:
+        return False
+    if _depth >= 16:  # a chain this long is a loop of folders
+        return None
+    if base == BUNDLED_INIT:
+        try:
+            return learned_unknown(resolve_model_path(None), _depth + 1)
+        except InputError:
+            return None
+    base_folder = Path(base).expanduser()
+    return learned_unknown(base_folder, _depth + 1) if base_folder.is_dir() else None
 
 
 def batch_seed(seed: int, batch: int) -> int:

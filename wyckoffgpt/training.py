@@ -41,6 +41,7 @@ from .atomic import atomic_write
 from .composition import feature_function
 from .configuration_wyckoffgpt import PRESETS, WyckoffGPTConfig
 from .data import VOCAB_FIELDS, DatasetError, SequenceDataset, collate, load_meta
+from .model_folder import BUNDLED_INIT, TRAINING_SUMMARY
 from .modeling_wyckoffgpt import WyckoffGPTModel
 from .vocab import STABILITY_TOKENS, default_vocab
 
@@ -148,7 +149,6 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "paper": dict(batch_size=256, max_lr=2e-4, weight_decay=1e-3),
 }
 
-BUNDLED_INIT = "bundled"  # init_from value naming the model bundled with the package
 # Settings in force when they are left None: training from scratch, and fine-tuning (init_from set).
 # Fine-tuning starts from a model at a loss minimum. A fresh AdamW moves every weight by about the
 # learning rate per step whatever its gradient, so the peak is 3x the bundled model's final rate (1e-5),
@@ -1064,7 +1064,7 @@ def _export(acc, model, out: Path, cfg: TrainConfig, meta, config, n_params: int
     if acc.is_main_process:
         _export_tokenizer(out, meta["vocab_hash"])
         atomic_write(out / "README.md", _model_card(cfg, meta, config, n_params, summary))
-        atomic_write(out / "training_summary.json", json.dumps({**summary, "train_config": _jsonable(cfg)}, indent=2))
+        atomic_write(out / TRAINING_SUMMARY, json.dumps({**summary, "train_config": _jsonable(cfg)}, indent=2))
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             shutil.rmtree(out / "best", ignore_errors=True)
