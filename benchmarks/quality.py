@@ -165,8 +165,9 @@ def evaluate_model(name: str, folder: str, args, index: FingerprintIndex, refere
                                      charge_check=args.charge_check if retries else "off")
         results = gen.generate(args.n, ehull=None if ehull == "none" else ehull, config=config, check_unique=False)
         t_sample = time.perf_counter() - t0
+        applied = gen.guided_config(gen.conditions(ehull=None if ehull == "none" else ehull), None, config)
         row = {"model": name, "temperature": temperature, "ehull": ehull, "max_retries": retries,
-               "guidance": config.guidance if ehull != "none" else 1.0, "guidance_contrast": config.guidance_contrast,
+               "guidance": applied.guidance, "guidance_contrast": config.guidance_contrast,
                "charge_check": args.charge_check if retries else "off",
                **sample_metrics(results, gen, index, reference), "seconds_sample": round(t_sample, 1),
                "mean_retries": float(np.mean([r.retries for r in results]))}
