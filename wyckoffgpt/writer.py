@@ -452,6 +452,7 @@ def write_run(gen: CrystalGenerator, settings: RunSettings, out: str | os.PathLi
             finish = _Finisher(*finisher_args)
             for batch in gen.iter_batches(s.n, config=s.sampling, batches=todo, on_finished=on_finished,
                                           **conditions):
+                release_free_memory()  # as `draw` does: the run's memory the same in either mode
                 for row in finish([item for item in batch if item[0] not in writer.done]):
                     writer.write(row)
     finally:
