@@ -73,7 +73,7 @@ def _formula(sample: GeneratedCrystal) -> str:
     return sample.structure.composition.reduced_formula if sample.structure is not None else ""
 
 
-def _read_log(path: Path | None) -> dict[tuple[str, int], dict]:
+def read_log(path: Path | None) -> dict[tuple[str, int], dict]:
     if path is None or not path.exists():
         return {}
     records = {}
@@ -89,7 +89,7 @@ def relax_interleaved(samples: dict[str, list[GeneratedCrystal]], refs: stabilit
                       progress=None) -> dict[tuple[str, int], dict]:
     """Relax and score every valid sample not yet in `log`, interleaved across conditions; returns
     all records, (condition, index) -> record with the StabilityResult's fields and the formula."""
-    records = _read_log(log)
+    records = read_log(log)
     for (name, i), d in records.items():
         if name in samples and i < len(samples[name]) and d["formula"] != _formula(samples[name][i]):
             raise SystemExit(f"{log}: sample {i} of {name} was {d['formula']}, now {_formula(samples[name][i])}: "
@@ -163,7 +163,7 @@ def run(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, temperat
     samples = draw(gen, conditions, n, temperature, seed)
     t1 = time.perf_counter()
     if report_only:
-        records = _read_log(log)
+        records = read_log(log)
     else:
         with tqdm(desc="relaxing", file=sys.stderr) as bar:
             records = relax_interleaved(samples, refs, config, workers, log, bar)

@@ -227,6 +227,25 @@ def test_conditioning_verdict_needs_low_to_have_stable_samples_at_all(monkeypatc
     assert verdict((0.3, 0.0), (0.2, 0.0))["share_1.5x"] is False  # none against none separates nothing
 
 
+def test_stability_ranking_keeps_the_arm_s_best_scored_half_and_scores_a_perfect_ranking_auc_1(monkeypatch):
+    from scripts import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ranking = load_script("benchmarks/stability_ranking.py")
+    # Four samples; the model's low-vs-high log-likelihood ratio falls as e_above_hull rises.
+    e = [0.0, 0.05, 0.2, 0.3]
+    scored = [(x, {"low": -x, "high": 0.0, "unknown": -x / 2}) for x in e]
+    low = ranking.rank_arm(scored, "low")
+    assert low["within_0.1"] == 0.5
+    assert low["vs_high"] == {"auc_stable": 1.0, "within_0.1_best_half": 1.0}
+    # A high arm keeps the samples that look least stable: the ones a user of --ehull high asked for.
+    high = ranking.rank_arm(scored, "high")
+    assert high["vs_low"] == {"auc_stable": 1.0, "within_0.1_best_half": 0.0}
+    # An inverted score is an AUC of 0, not of 1: the benchmark must show a wrong ranking as wrong.
+    inverted = [(x, {"low": x, "high": 0.0, "unknown": 0.0}) for x in e]
+    assert ranking.rank_arm(inverted, "low")["vs_high"]["auc_stable"] == 0.0
+
+
 def test_a_larger_n_extends_a_screening_draw_so_a_finished_log_resumes(generator, monkeypatch):
     from scripts import REPO
 
