@@ -275,6 +275,34 @@ def test_save_load_identical_and_safetensors_only(tmp_path):
     assert isinstance(AutoConfig.from_pretrained(tmp_path), WyckoffGPTConfig)
 
 
+def test_element_properties_start_at_zero_move_only_element_tokens_and_load_back(tmp_path):
+    elements = list(range(20, 30))  # the synthetic vocabulary's element tokens
+    properties = [[float(i), 1.0 - i / 5, (-1.0) ** i] for i in range(len(elements))]
+    base = tiny()
+    model = tiny(element_token_ids=elements, element_properties=properties)
+    missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing == ["element_embedding.weight"]
+    batch = batch_of(3)
+    # A new element input starts at zero: over trained weights, the model starts out unchanged, also
+    # when it is loaded over a saved model (train.py --init-from M --element-features).
+    assert torch.equal(model(**batch).logits, base(**batch).logits)
+    base.save_pretrained(tmp_path / "base")
+    grown = WyckoffGPTModel.from_pretrained(tmp_path / "base", config=model.config).eval()
+    assert not grown.element_embedding.weight.any()
+    assert torch.equal(grown(**batch).logits, base(**batch).logits)
+    with torch.no_grad():
+        model.element_embedding.weight.normal_()
+    every = torch.arange(VOCAB["vocab_size"])
+    moved = (model.embed_tokens(every) != base.wte(every)).any(-1)
+    assert moved.nonzero().flatten().tolist() == elements
+    # The output layer shares the embedding: only the element tokens' logits move.
+    h = torch.randn(2, model.config.n_embd)
+    assert ((model.token_logits(h) != base.token_logits(h)).any(0).nonzero().flatten().tolist()) == elements
+    model.save_pretrained(tmp_path / "trained")
+    loaded = AutoModel.from_pretrained(tmp_path / "trained").eval()
+    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
 LOAD_SCRIPT = """
 import sys, torch
 from transformers import AutoModel

@@ -384,6 +384,33 @@ def test_stability_dropout_needs_the_vocabulary(dataset, tmp_path):
         train(quick(dataset, tmp_path / "o", stability_dropout=1.5))
 
 
+def test_element_features_give_the_model_each_element_s_properties(tmp_path):
+    from wyckoffgpt.chemistry import ELEMENT_PROPERTIES
+    from wyckoffgpt.vocab import default_vocab
+
+    data, _ = _stability_dataset(tmp_path / "data", 32)
+    train(quick(data, tmp_path / "m", element_features=True, eval_every=0))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    vocab = default_vocab()
+    assert sorted(config["element_token_ids"]) == sorted(vocab.element_ids.values())
+    assert {len(row) for row in config["element_properties"]} == {len(ELEMENT_PROPERTIES)}
+    row = {s: config["element_properties"][config["element_token_ids"].index(vocab.element_ids[s])]
+           for s in ("Na", "K", "Cl")}
+    # The chemistry is the real one: chlorine is more electronegative than sodium, and sodium's
+    # properties are nearer potassium's than chlorine's.
+    x = ELEMENT_PROPERTIES.index("electronegativity")
+    assert row["Cl"][x] > row["Na"][x]
+    assert np.linalg.norm(np.subtract(row["Na"], row["K"])) < np.linalg.norm(np.subtract(row["Na"], row["Cl"]))
+    # The exported model reads them back and uses them.
+    model = AutoModel.from_pretrained(tmp_path / "m").eval()
+    assert model.element_embedding is not None and model.element_embedding.weight.abs().sum() > 0
+
+
+def test_element_features_need_the_vocabulary(dataset, tmp_path):
+    with pytest.raises(TrainingError, match="element_features needs the installed vocabulary"):
+        train(quick(dataset, tmp_path / "o", element_features=True))
+
+
 # -- the command line -----------------------------------------------------------------------------
 
 

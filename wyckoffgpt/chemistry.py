@@ -1,14 +1,18 @@
-"""Chemistry rules on compositions: SMACT charge-balance screening and the generator's charge checks.
+"""Chemistry of elements and compositions: SMACT charge-balance screening, the generator's charge
+checks, and the element properties a model can read beside its learned element embeddings.
 
-Only pymatgen's Composition and smact are needed here (no structure or symmetry library), so the
-composition features of training (`composition.py`) can use them without pulling in spglib.
+Only pymatgen's Composition and Element and smact are needed here (no structure or symmetry
+library), so the composition features of training (`composition.py`) can use them without pulling in
+spglib.
 """
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 from functools import cache
 
-from pymatgen.core import Composition
+from pymatgen.core import Composition, Element
 
 
 def smact_valid(composition: Composition | str) -> bool:
@@ -59,3 +63,37 @@ def passes_charge_check(composition: Composition | str, check: str) -> bool:
     formula = comp.reduced_formula
     # The plain test first: its answer is cached for the charge_balanced column anyway, and most pass it.
     return _smact_valid_reduced(formula) or _smact_valid_reduced(formula, mixed_valence=True)
+
+
+# What an element token can tell the model besides its learned embedding (WyckoffGPTConfig's
+# element_properties): where the element sits in the periodic table and how it bonds, so that an
+# element combination the model never saw starts from its chemical neighbours'.
+ELEMENT_PROPERTIES = ("group", "period", "electronegativity", "atomic_radius", "mendeleev_number",
+                      "lowest_common_oxidation_state", "highest_common_oxidation_state",
+                      "s_block", "p_block", "d_block", "f_block")
+
+
+def _raw_properties(symbol: str) -> list[float]:
+    el = Element(symbol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns for every property it lacks (e.g. He's X)
+        states = el.common_oxidation_states
+        radius = el.atomic_radius
+        return [float(el.group), float(el.row), float(el.X), math.nan if radius is None else float(radius),
+                math.nan if el.mendeleev_no is None else float(el.mendeleev_no),
+                float(min(states)) if states else 0.0, float(max(states)) if states else 0.0,
+                *(float(el.block == b) for b in "spdf")]
+
+
+def element_property_table(symbols: Sequence[str]) -> list[list[float]]:
+    """One row of ELEMENT_PROPERTIES per symbol, from pymatgen (Pauling electronegativity, atomic
+    radius in Å, no common oxidation state: 0), each column standardised over `symbols` to zero
+    mean and unit variance; a value pymatgen lacks (noble gases' electronegativity) is the mean, 0."""
+    raw = [_raw_properties(s) for s in symbols]
+    columns = []
+    for j in range(len(ELEMENT_PROPERTIES)):
+        known = [r[j] for r in raw if not math.isnan(r[j])]
+        mean = sum(known) / len(known)
+        std = math.sqrt(sum((v - mean) ** 2 for v in known) / len(known)) or 1.0
+        columns.append([0.0 if math.isnan(r[j]) else round((r[j] - mean) / std, 6) for r in raw])
+    return [list(row) for row in zip(*columns)]

@@ -71,6 +71,13 @@ class WyckoffGPTConfig(PreTrainedConfig):
             the `composition` input; 0: tokens and values only (the paper's inputs).
         charge_feature (`bool`, defaults to False): with `composition_slots`, also whether the atoms
             placed so far pass SMACT charge balance.
+        element_token_ids (`list[int]`, defaults to none): the element tokens that `element_properties`
+            describes, one id per row.
+        element_properties (`list[list[float]]`, defaults to none): per element token, fixed properties
+            (`wyckoffgpt.chemistry.ELEMENT_PROPERTIES`, standardised, no unit); a learned linear map of
+            them is added to the token's embedding, at the input and in the output layer, so that elements
+            with similar chemistry share part of their representation. Stored here, not computed at
+            load time, so a saved model never changes with pymatgen's data. None: learned embeddings only.
         tie_word_embeddings (`bool`, defaults to True): the output layer shares the token embedding.
     """
 
@@ -108,6 +115,8 @@ class WyckoffGPTConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         composition_slots: int = 0,
         charge_feature: bool = False,
+        element_token_ids: list[int] | None = None,
+        element_properties: list[list[float]] | None = None,
         tie_word_embeddings: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -150,6 +159,13 @@ class WyckoffGPTConfig(PreTrainedConfig):
         if charge_feature and not composition_slots:
             raise ValueError("charge_feature needs composition_slots > 0")
         self.charge_feature = bool(charge_feature)
+        self.element_token_ids = list(element_token_ids or [])
+        self.element_properties = [list(map(float, row)) for row in element_properties or []]
+        if len(self.element_token_ids) != len(self.element_properties):
+            raise ValueError(f"element_properties has {len(self.element_properties)} rows for "
+                             f"{len(self.element_token_ids)} element_token_ids")
+        if len({len(row) for row in self.element_properties}) > 1:
+            raise ValueError("element_properties rows must all have the same length")
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -265,6 +265,10 @@ class WyckoffGPTModel(PreTrainedModel):
         )
         # Whether the atoms placed so far are charge-balanced: the last composition column.
         self.charge_embedding = nn.Linear(1, config.n_embd) if getattr(config, "charge_feature", False) else None
+        # Element properties (config.element_properties) mapped into the token embedding space.
+        properties = getattr(config, "element_properties", None)
+        self.element_embedding = nn.Linear(len(properties[0]), config.n_embd, bias=False) if properties else None
+        self._element_tables: dict[torch.device, torch.Tensor] = {}
         self.wpe = (
             nn.Embedding(config.max_position_embeddings, config.n_embd)
             if config.position_embedding == "learned"
@@ -285,10 +289,12 @@ class WyckoffGPTModel(PreTrainedModel):
         # (attention, MLP), so that shrinking did not run in the default model's training, and on
         # earlier releases it did; one rule for every release keeps training reproducible.
         super()._init_weights(module)
-        if any(module is m for m in (getattr(self, "composition_embedding", None), getattr(self, "charge_embedding", None))):
+        extra_inputs = ("composition_embedding", "charge_embedding", "element_embedding")
+        if any(module is getattr(self, name, None) for name in extra_inputs):
             # Zero: a model given this input on top of trained weights starts out unchanged.
             init.zeros_(module.weight)
-            init.zeros_(module.bias)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -298,6 +304,31 @@ class WyckoffGPTModel(PreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def _element_table(self, device: torch.device) -> torch.Tensor:
+        """(vocab_size, properties): config.element_properties at their token ids, zero elsewhere."""
+        table = self._element_tables.get(device)
+        if table is None:
+            # Like the kind table: derived from the config, never saved or loaded.
+            table = torch.zeros(self.config.vocab_size, len(self.config.element_properties[0]))
+            table[self.config.element_token_ids] = torch.tensor(self.config.element_properties)
+            table = self._element_tables[device] = table.to(device)
+        return table
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding: learned, plus the map of the element properties for element tokens."""
+        x = self.wte(token_ids)
+        if self.element_embedding is not None:
+            x = x + self.element_embedding(self._element_table(token_ids.device)[token_ids].to(x.dtype))
+        return x
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits against the same embeddings as `embed_tokens` (the output layer is tied)."""
+        logits = self.lm_head(hidden)
+        if self.element_embedding is not None:
+            extra = self.element_embedding(self._element_table(hidden.device).to(hidden.dtype))
+            logits = logits + F.linear(hidden, extra)
+        return logits
 
     def token_kinds(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Value kind (NOT_VALUE, COORD, LENGTH, ANGLE) of each token id."""
@@ -379,7 +410,7 @@ class WyckoffGPTModel(PreTrainedModel):
         kinds = self.token_kinds(input_ids)
         has_value = (kinds != NOT_VALUE) & torch.isfinite(input_values)
         values = torch.where(has_value, input_values.float(), torch.zeros_like(input_values, dtype=torch.float))
-        x = self.wte(input_ids) + self.value_embedding(values, kinds) * has_value.unsqueeze(-1)
+        x = self.embed_tokens(input_ids) + self.value_embedding(values, kinds) * has_value.unsqueeze(-1)
         if self.composition_embedding is not None:
             if composition is None:
                 raise ValueError("this model reads the running composition: pass `composition` "
@@ -403,7 +434,7 @@ class WyckoffGPTModel(PreTrainedModel):
         for block in self.blocks:
             x = block(x, attn_mask, is_causal, cache)
         hidden = self.ln_f(x)
-        logits = self.lm_head(hidden)
+        logits = self.token_logits(hidden)
 
         losses = self._losses(input_ids, input_values, attention_mask, hidden, logits) if compute_loss else {}
         # Every field goes through the constructor: before transformers 5.2x a field set afterwards is
@@ -442,12 +473,12 @@ class WyckoffGPTModel(PreTrainedModel):
         """Per-row NLL (mixture head) or squared error in the regressed variable (MSE head)."""
         if self.config.continuous_head == "mixture":
             return -self._log_prob(hidden, next_ids, values, kinds)
-        raw = self.value_head.raw(hidden, self.wte(next_ids), kinds)
+        raw = self.value_head.raw(hidden, self.embed_tokens(next_ids), kinds)
         y, _ = _to_modelled(values, kinds)
         return (self.value_head.point_estimate(raw, kinds) - y) ** 2
 
     def _log_prob(self, hidden, next_ids, values, kinds) -> torch.Tensor:
-        raw = self.value_head.raw(hidden, self.wte(next_ids), kinds)
+        raw = self.value_head.raw(hidden, self.embed_tokens(next_ids), kinds)
         log_w, mu, sigma = self.value_head.mixture_params(raw, kinds)
         y, log_jac = _to_modelled(values.float(), kinds)
         y = y.unsqueeze(-1)
@@ -475,7 +506,7 @@ class WyckoffGPTModel(PreTrainedModel):
         logits and multiplies widths; temperature <= 0 returns the mean of the heaviest component.
         The MSE head has no distribution and returns its point estimate at any temperature."""
         kinds = self.token_kinds(next_token_ids)
-        raw = self.value_head.raw(hidden, self.wte(next_token_ids), kinds)
+        raw = self.value_head.raw(hidden, self.embed_tokens(next_token_ids), kinds)
         if self.config.continuous_head == "mse":
             y = self.value_head.point_estimate(raw, kinds)
         else:

@@ -122,6 +122,11 @@ class TrainConfig:
         0.0, "probability that a training row's stability token (ehull:low/high) is replaced by ehull:unknown, "
              "drawn anew each time the row is read, so that the model also learns the unconditional "
              "distribution for classifier-free guidance; 0 = off")
+    element_features: bool = _setting(
+        False, "give the model each element's properties (wyckoffgpt.chemistry.ELEMENT_PROPERTIES: group, period, "
+               "electronegativity, radius, common oxidation states, block) beside its learned embedding "
+               "(WyckoffGPTConfig.element_properties); over init_from, the new input starts at zero, so the model "
+               "starts out as it was saved")
     eval_every: int | None = _setting(
         None, "optimizer steps between validations; 0: no validation. None: 200, fine-tuning: 50")
     eval_batch_size: int | None = _setting(None, "sequences per validation batch and process; None: 2 x batch_size")
@@ -615,7 +620,8 @@ def freeze_first_blocks(model: WyckoffGPTModel, k: int) -> int:
     if k > len(model.blocks):
         raise _fail(f"freeze_blocks {k} is more than the model's {len(model.blocks)} blocks")
     modules = [model.wte, model.value_embedding, model.wpe, model.composition_embedding,
-               getattr(model, "charge_embedding", None), *model.blocks[:k]]  # fmt: skip
+               getattr(model, "charge_embedding", None), getattr(model, "element_embedding", None),
+               *model.blocks[:k]]  # fmt: skip
     frozen = 0
     for module in filter(None, modules):
         for p in module.parameters():
@@ -637,8 +643,24 @@ def _lr_lambda(total_steps: int, warmup_frac: float, final_frac: float):
     return factor
 
 
+def element_overrides(cfg: TrainConfig, vocab_hash: str) -> dict[str, Any]:
+    """The WyckoffGPTConfig fields that TrainConfig.element_features sets: every element token of the
+    vocabulary and its properties."""
+    if not cfg.element_features:
+        return {}
+    from .chemistry import element_property_table  # pymatgen: only when asked for
+
+    vocab = default_vocab()
+    if vocab.hash != vocab_hash:
+        raise _fail(f"element_features needs the installed vocabulary ({vocab.hash}); the dataset uses {vocab_hash}")
+    symbols = [vocab.z_symbol[z] for z in sorted(vocab.z_symbol)]
+    return {"element_token_ids": [vocab.element_ids[s] for s in symbols],
+            "element_properties": element_property_table(symbols)}
+
+
 def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig | None) -> WyckoffGPTConfig:
     vocab = {k: meta[k] for k in VOCAB_FIELDS}
+    overrides = {**cfg.model_overrides, **element_overrides(cfg, meta["vocab_hash"])}
     if resume_config is not None:
         config = resume_config
     elif cfg.init_from:
@@ -648,9 +670,9 @@ def _model_config(cfg: TrainConfig, meta: dict, resume_config: WyckoffGPTConfig 
             raise _fail(f"cannot read model config from {cfg.init_from}: {e}") from None
         # Overrides on top of a trained model: e.g. dropout, or composition_slots, whose new input
         # layer starts at zero so the model starts out as it was saved.
-        config.update(cfg.model_overrides)
+        config.update(overrides)
     else:
-        return WyckoffGPTConfig.from_preset(cfg.model_preset, **{**vocab, **cfg.model_overrides})
+        return WyckoffGPTConfig.from_preset(cfg.model_preset, **{**vocab, **overrides})
     if config.vocab_hash != meta["vocab_hash"] or config.vocab_size != meta["vocab_size"]:
         raise _fail(
             f"vocabulary mismatch: model has vocab_hash {config.vocab_hash!r} ({config.vocab_size} tokens), "
@@ -892,6 +914,7 @@ def _opening_line(cfg: TrainConfig, acc: Accelerator, n_train: int, batches: Epo
         + (f", from {cfg.init_from}" if cfg.init_from else "")
         + (f", {frozen:,} params frozen" if frozen else "")
         + (f", stability dropout {cfg.stability_dropout:g}" if cfg.stability_dropout else "")
+        + (", element properties" if cfg.element_features else "")
         + (f", resumed at step {resumed_at}" if resumed_at is not None else "")
     )
 
