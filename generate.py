@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # a flag left out is None, so that the model's recommended settings (sampling_config.json) apply.
     from wyckoffgpt.chemistry import CHARGE_CHECKS
     from wyckoffgpt.grammar import Limits
-    from wyckoffgpt.sampling import GUIDANCE_CONTRASTS, SamplingConfig
+    from wyckoffgpt.sampling import ANALOGUE_SOURCES, GUIDANCE_CONTRASTS, SamplingConfig
     from wyckoffgpt.writer import FORMATS
 
     default = SamplingConfig()
@@ -107,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analogue-share", type=float, default=None, dest="analogue_share",
                    metavar="F", help=f"--analogues: fraction of the samples drawn in analogue systems "
                                      f"(default {default.analogue_share})")
+    p.add_argument("--analogue-source", choices=ANALOGUE_SOURCES, default=None, dest="analogue_source",
+                   help="--analogues: 'sampled' (default) draws in the analogue systems; 'known' forces the Wyckoff "
+                        "skeletons of the model's training crystals in them, substituted back, and the model draws "
+                        "their coordinates and cell")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
     p.add_argument("--single-process", action="store_true", dest="single_process",

@@ -14,7 +14,7 @@ from pymatgen.core import Structure
 
 from wyckoffgpt.atomic import atomic_write
 from wyckoffgpt.data import DatasetError, load_meta, split_systems
-from wyckoffgpt.sampling import SamplingConfig
+from wyckoffgpt.sampling import ANALOGUE_SOURCES, SamplingConfig
 from wyckoffgpt.structure_io import InputError, Record, read_records
 
 MATCHER_SETTINGS = {"ltol": 0.3, "stol": 0.5, "angle_tol": 10}  # DiffCSP's, and the Matra-Genoa paper's
@@ -69,11 +69,15 @@ def add_analogue_arguments(parser) -> None:
                              "default 0: off)")
     parser.add_argument("--analogue-share", type=float, default=SamplingConfig.analogue_share, metavar="F",
                         help=f"SamplingConfig.analogue_share (default {SamplingConfig.analogue_share})")
+    parser.add_argument("--analogue-source", choices=ANALOGUE_SOURCES, default=SamplingConfig.analogue_source,
+                        help="SamplingConfig.analogue_source: 'sampled' (default) or 'known' skeletons of the "
+                             "model's training crystals in the analogue systems")
 
 
 def analogue_settings(args) -> dict:
     """The sampling overrides of `add_analogue_arguments`, checked by SamplingConfig (InputError)."""
-    settings = {"analogues": args.analogues, "analogue_share": args.analogue_share}
+    settings = {"analogues": args.analogues, "analogue_share": args.analogue_share,
+                "analogue_source": args.analogue_source}
     SamplingConfig(**settings)
     return settings
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,53 @@ def test_analogue_samples_are_substituted_back_into_the_requested_system(generat
     assert drawn_here == list(range(0, 16, 2))  # share 0.5: every other sample
     formula = generator.generate(8, formula="Ca2AlCu2", seed=1, analogues=2, check_unique=False)
     assert {r.structure.composition.reduced_formula for r in formula} == {"Ca2AlCu2"}
+
+
+def test_known_analogues_force_the_neighbours_training_skeletons_substituted_back(model_dir, tmp_path):
+    import shutil
+
+    from pymatgen.core import Lattice, Structure
+
+    from wyckoffgpt import CrystalGenerator
+    from wyckoffgpt.analogues import analogue_conditions
+    from wyckoffgpt.data import write_dataset
+    from wyckoffgpt.fingerprints import build_fingerprint_index
+    from wyckoffgpt.generation import InputError
+    from wyckoffgpt.sampling import SamplingConfig
+    from wyckoffgpt.tokenizer import CrystalTokenizer
+
+    # The model's training crystals: a half-Heusler of the first analogue system of Al-Cu-Li, twice.
+    neighbour = analogue_conditions(Conditions("ehull:low", ("Li", "Al", "Cu")), 1, VOCAB)[0]
+    trio = [neighbour.by if e == neighbour.replaced else e for e in ("Al", "Cu", "Li")]
+    crystal = Structure.from_spacegroup("F-43m", Lattice.cubic(6.0), trio, [[0, 0, 0], [0.25, 0.25, 0.25], [0.5, 0.5, 0.5]])
+    seq = CrystalTokenizer().encode(crystal, 0.0)
+    data = tmp_path / "data"
+    write_dataset(data, {"train": [(seq.ids, seq.values)] * 2}, {**VOCAB.model_fields(), "material_ids": {"train": ["n-1", "n-2"]}})
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    build_fingerprint_index(data, folder / "fingerprints.npz")
+    gen = CrystalGenerator.from_pretrained(folder, device="cpu")
+
+    known = SamplingConfig(analogues=1, analogue_source="known")
+    skeletons = gen.analogues(gen.conditions(["Al", "Cu", "Li"], "low"), known)
+    back = {neighbour.by: neighbour.replaced}
+    expected = (216, tuple(sorted((site.position.letter, back.get(site.element, site.element))
+                                  for site in gen.tokenizer.parse(seq).sites)))
+    assert {e for _, e in expected[1]} == {"Al", "Cu", "Li"}
+    # One skeleton however often it occurs.
+    assert [(a.conditions.spacegroup, a.conditions.sites) for a in skeletons] == [expected]
+    results = gen.generate(8, elements=["Al", "Cu", "Li"], ehull="low", seed=0, config=known, check_unique=False)
+    assert all(set(r.structure.composition.chemical_system.split("-")) == {"Al", "Cu", "Li"} for r in results)
+    # Every other sample forces the skeleton (its forced prompt is longer than the plain rows' in the
+    # same batch); the model drew the cell.
+    def skeleton(r):
+        desc = gen.tokenizer.parse(r.sequence)
+        return desc.group.number, sorted((site.position.letter, site.element) for site in desc.sites)
+
+    assert all(skeleton(r) == (216, list(expected[1])) for r in results[1::2])
+    assert any(skeleton(r)[0] != 216 for r in results[0::2])
+    # A model folder without training crystals: one clear error at the call.
+    with pytest.raises(InputError, match="known analogues need the model's training crystals"):
+        CrystalGenerator.from_pretrained(model_dir, device="cpu").generate(2, elements=["Al", "Cu", "Li"], config=known)
 
 
 def test_analogue_systems_are_one_element_away_and_nearest_in_mendeleev_number(generator):

@@ -9,21 +9,30 @@ substituted crystals keep the neighbour's cell: a relaxation adjusts it.
 
 Nearness is Pettifor's Mendeleev number (`pymatgen.core.Element.mendeleev_no`), the ordering built so
 that elements close in it form compounds of the same structure types.
+
+A second source (`SamplingConfig.analogue_source = "known"`) takes the structure types the
+neighbours are known to have: the Wyckoff skeletons of the model's training crystals in the analogue
+systems, substituted back, each forced on a sample whose coordinates and cell the model draws for
+the requested chemistry.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from pymatgen.core import Element
 
-from .grammar import Conditions, DecodeError
+from .grammar import Conditions, DecodeError, Limits, check_conditions
 from .symmetry import EncodeError
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import Vocab
 
-__all__ = ["Analogue", "analogue_conditions", "analogue_slot", "nearest_elements", "substitute"]
+if TYPE_CHECKING:
+    from .fingerprints import FingerprintIndex
+
+__all__ = ["Analogue", "analogue_conditions", "analogue_slot", "known_skeletons", "nearest_elements", "substitute"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +40,8 @@ class Analogue:
     """A neighbouring system to draw in: its conditions, and the element it has in place of the request's."""
 
     conditions: Conditions
-    replaced: str  # the requested system's element
-    by: str  # the element drawn in its place
+    replaced: str | None  # the requested system's element (None: a known skeleton, already in it)
+    by: str | None  # the element drawn in its place
 
     @property
     def system(self) -> str:
@@ -88,3 +97,30 @@ def substitute(tokenizer: CrystalTokenizer, seq: CrystalSequence, analogue: Anal
     tokens = list(canonical.tokens)
     tokens[1] = desc.stability
     return CrystalSequence.from_tokens(tokens, canonical.values.tolist(), tokenizer.vocab)
+
+
+def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: Limits | None = None) -> list[Analogue]:
+    """The Wyckoff skeletons of the training crystals (`index`) of `cond`'s analogue systems (see
+    `analogue_conditions`; `cond` names a chemical system, no formula), with the analogue's element
+    replaced by the requested one, as conditions in the requested system: each distinct (space
+    group, sites) once, those of the nearest replacements first, then the most frequent. Skeletons
+    the grammar cannot sample within `limits` are left out."""
+    vocab = index.vocab
+    found: dict[tuple, tuple[int, int]] = {}  # skeleton -> (nearness rank, crystals)
+    for i, analogue in enumerate(analogue_conditions(cond, k, vocab)):
+        rank = i % k  # analogue_conditions lists each element's k replacements nearest first
+        for entry in index.entries_of_system(analogue.conditions.elements or ()):
+            desc = index.tokenizer.parse(index.sequence(entry))
+            back = {analogue.by: analogue.replaced}
+            sites = tuple(sorted((s.position.letter, back.get(s.element, s.element)) for s in desc.sites))
+            near, count = found.get((desc.group.number, sites), (k, 0))
+            found[(desc.group.number, sites)] = (min(near, rank), count + 1)
+    out = []
+    for (number, sites), _ in sorted(found.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0])):
+        skeleton = replace(cond, spacegroup=number, sites=sites, complete_sites=False)
+        try:
+            check_conditions(vocab, skeleton, limits)
+        except ValueError:
+            continue
+        out.append(Analogue(skeleton, None, None))
+    return out

@@ -22,6 +22,8 @@ import argparse
 import io
 import json
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,7 @@ class FingerprintIndex:
         self._structures: dict[int, Structure] = {}
         self._matcher = None
         self._forms: dict[str, DuplicateIndex] = {}
+        self._by_system: dict[frozenset[str], list[int]] | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, vocab: Vocab | None = None) -> FingerprintIndex:
@@ -159,6 +162,15 @@ class FingerprintIndex:
 
     def prototype(self, i: int) -> str:
         return str(self.prototype_names[self.prototype_of[i]])
+
+    def entries_of_system(self, elements: Sequence[str]) -> list[int]:
+        """Indices of the training entries made of exactly these elements (any order)."""
+        if self._by_system is None:
+            self._by_system = {}
+            for k, name in enumerate(self.formula_names):
+                key = frozenset(re.findall(r"[A-Z][a-z]?", name))
+                self._by_system.setdefault(key, []).extend(range(int(self.group_offsets[k]), int(self.group_offsets[k + 1])))
+        return self._by_system.get(frozenset(elements), [])
 
     def formulas(self) -> list[str]:
         """Reduced formula of every entry, in index order."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pymatgen.core import Element, Structure
 
-from .analogues import Analogue, analogue_conditions, analogue_slot, substitute
+from .analogues import Analogue, analogue_conditions, analogue_slot, known_skeletons, substitute
 from .chemistry import passes_charge_check, smact_valid
 from .conditioning import ConditioningError, check_prompt, parse_formula, parse_prompt, parse_wyckoff
 from .decode import check_structure
@@ -168,12 +168,14 @@ class CrystalGenerator:
 
     def __init__(self, model: torch.nn.Module, vocab: Vocab, limits: Limits | None = None,
                  device: str | torch.device | None = None, cpu_threads: int | None = None,
-                 sampling_defaults: SamplingConfig | None = None, learned_unknown: bool | None = None):
+                 sampling_defaults: SamplingConfig | None = None, learned_unknown: bool | None = None,
+                 model_folder: Path | None = None):
         """`sampling_defaults`: the settings used when a call passes no `config` (default:
         `SamplingConfig()`; `from_pretrained` reads the model folder's recommendation).
         `learned_unknown`: whether the model learnt `ehull:unknown` (trained with stability_dropout),
         None when not known; guidance against that token is refused when False (`from_pretrained`
-        reads it from the folder, see `learned_unknown`).
+        reads it from the folder, see `learned_unknown`). `model_folder`: where the model's training
+        crystals (`fingerprints.npz`) are, for `analogue_source="known"` (`from_pretrained` sets it).
         `cpu_threads`: torch intra-op threads while sampling on CPU. Default 1 unless
         OMP_NUM_THREADS is set: a sampling step is many small ops, and intra-op threads cost more in
         synchronisation than they gain (on a busy 2-core machine, 50 samples took 0.4 s with one
@@ -198,6 +200,8 @@ class CrystalGenerator:
         self.limits = limits
         self.sampling_defaults = SamplingConfig.resolve(sampling_defaults)
         self.learned_unknown = learned_unknown
+        self.model_folder = model_folder
+        self._training_index = None
         self.last_seed: int | None = None
 
     @classmethod
@@ -225,7 +229,8 @@ class CrystalGenerator:
         if len(vocab) != model.config.vocab_size:
             raise InputError(f"model folder {folder}: vocabulary has {len(vocab)} tokens, model {model.config.vocab_size}")
         return cls(model, vocab, limits=limits, device=device, cpu_threads=cpu_threads,
-                   sampling_defaults=SamplingConfig.from_pretrained(folder), learned_unknown=learned_unknown(folder))
+                   sampling_defaults=SamplingConfig.from_pretrained(folder), learned_unknown=learned_unknown(folder),
+                   model_folder=folder)
 
     def sampling_config(self, config: SamplingConfig | None = None, **overrides: Any) -> SamplingConfig:
         """`config` (default: `sampling_defaults`, the model's recommendation) with keyword overrides
@@ -364,6 +369,12 @@ class CrystalGenerator:
             return []
         if not cond.elements or cond.sites is not None or prompt is not None:
             raise InputError("analogues need a chemical system or a formula, and no Wyckoff sites or prompt")
+        if config.analogue_source == "known":
+            if cond.formula is not None:
+                raise InputError("known analogues need a chemical system (--elements), not a formula")
+            found = known_skeletons(cond, config.analogues, self.training_index(), self.limits)
+            # A system whose neighbours the model never saw has no known skeleton: sample it plainly.
+            return found
         found = analogue_conditions(cond, config.analogues, self.vocab)
         try:
             for a in found:
@@ -371,6 +382,21 @@ class CrystalGenerator:
         except ValueError as e:
             raise InputError(f"analogue system {a.system}: {e}") from None
         return found
+
+    def training_index(self):
+        """The model's training crystals (`fingerprints.npz` of its folder), loaded on first use;
+        InputError when the model has none."""
+        if self._training_index is None:
+            from .fingerprints import FingerprintIndex
+
+            if self.model_folder is None:
+                raise InputError("known analogues need the model's training crystals: give the generator its "
+                                 "model_folder (from_pretrained does)")
+            try:
+                self._training_index = FingerprintIndex.load(self.model_folder, self.vocab)
+            except (FileNotFoundError, ValueError) as e:
+                raise InputError(f"known analogues need the model's training crystals: {_first_line(e)}") from None
+        return self._training_index
 
     def _batches(self, sampler: Sampler, cond: Conditions, analogues: list[Analogue],
                  prefix: tuple[list[int], list[float]] | None, n: int, batches: Iterable[int],
@@ -389,7 +415,7 @@ class CrystalGenerator:
             out = []
             for i, (ids, values, retries) in enumerate(zip(batch.ids, batch.values, batch.retries)):
                 seq = CrystalSequence.from_ids(ids, values, self.vocab)
-                if drawn[i] is not None:
+                if drawn[i] is not None and drawn[i].by is not None:
                     seq = substitute(self.tokenizer, seq, drawn[i])
                 out.append((start + i, seq, retries))
             yield out

@@ -64,6 +64,7 @@ from .vocab import STABILITY_TOKENS, Vocab
 
 VALUE_REDRAWS = 4
 GUIDANCE_CONTRASTS = ("opposite", "unknown")
+ANALOGUE_SOURCES = ("sampled", "known")
 GEOMETRY_REDRAWS = 8
 
 
@@ -140,6 +141,12 @@ class SamplingConfig:
         chemistries, in the requested one. Default 0: off.
     analogue_share: fraction of the samples drawn in analogue systems when `analogues` > 0, in
         [0, 1]. Default 0.5.
+    analogue_source: "sampled" | "known". What the analogue samples are: "sampled" (default)
+        drawn in the analogue systems and substituted back; "known": the Wyckoff skeletons (space
+        group, sites and their elements) of the model's training crystals in the analogue systems,
+        substituted back, each sample forcing one of them (nearest substitution first, then the most
+        frequent, in turn) while the model draws its free coordinates and its cell. Needs the model
+        folder's training crystals (`fingerprints.npz`).
     """
 
     temperature: float = 1.0
@@ -154,6 +161,7 @@ class SamplingConfig:
     guidance_contrast: str = "opposite"
     analogues: int = 0
     analogue_share: float = 0.5
+    analogue_source: str = "sampled"
 
     def __post_init__(self) -> None:
         # One message per setting; the first out of range is reported.
@@ -182,6 +190,8 @@ class SamplingConfig:
             raise InputError(f"analogues must be a non-negative integer, got {self.analogues}")
         if not (_is_number(self.analogue_share) and 0 <= self.analogue_share <= 1):
             raise InputError(f"analogue share must be in [0, 1], got {self.analogue_share}")
+        if self.analogue_source not in ANALOGUE_SOURCES:
+            raise InputError(f"analogue source must be one of {', '.join(ANALOGUE_SOURCES)}, got {self.analogue_source!r}")
 
     @property
     def guided(self) -> bool:
@@ -704,24 +714,26 @@ class Sampler:
 def _feed_prompt(parsers: list[SequenceParser],
                  prefix: tuple[list[int], list[float]] | None) -> tuple[list[list[int]], list[float]]:
     """Feed every parser the given prefix and then the tokens the grammar forces; returns each row's
-    prompt ids and the prompt's values. Rows may have different conditions (analogue systems, see
-    `wyckoffgpt.analogues`) but their prompts have one length (no padding)."""
+    prompt ids and the prompt's values. Rows may have different conditions (analogue systems or
+    known skeletons, see `wyckoffgpt.analogues`): the prompt is then as long as the shortest row's
+    forced tokens, and the grammar forces the rest of each row's as it samples (no padding)."""
     given_ids, given_values = (list(prefix[0]), list(prefix[1])) if prefix is not None else ([], [])
-    for p in parsers:
-        for t, v in zip(given_ids, given_values):
-            p.feed(int(t), v)
     forced_by_conditions: dict[object, list[int]] = {}
+    for p in parsers:
+        if p.conditions not in forced_by_conditions:
+            scratch = SequenceParser(p.vocab, p.limits, p.conditions)
+            for t, v in zip(given_ids, given_values):
+                scratch.feed(int(t), v)
+            forced_by_conditions[p.conditions] = forced_prefix(scratch)
+    common = min(len(f) for f in forced_by_conditions.values())
     prompts = []
     for p in parsers:
-        forced = forced_by_conditions.get(p.conditions)
-        if forced is None:
-            forced = forced_by_conditions[p.conditions] = forced_prefix(p)
-        else:
-            for t in forced:
-                p.feed(t)
+        forced = forced_by_conditions[p.conditions][:common]
+        for t, v in zip(given_ids, given_values):
+            p.feed(int(t), v)
+        for t in forced:
+            p.feed(t)
         prompts.append(given_ids + forced)
-    if len({len(x) for x in prompts}) > 1:
-        raise ValueError("the rows' conditions force prompts of different lengths")
     return prompts, given_values + [math.nan] * (len(prompts[0]) - len(given_values))
 
 
