@@ -56,16 +56,14 @@ def class_log_likelihoods(gen: CrystalGenerator, sequence) -> dict[str, float]:
     vocab, model = gen.vocab, gen.model
     features = feature_function(vocab, getattr(model.config, "composition_slots", 0),
                                 getattr(model.config, "charge_feature", False))
-    rows = []
-    for c in CLASSES:
+    values = torch.from_numpy(sequence.values.astype(np.float32))
+    out = {}
+    for c in CLASSES:  # one sequence per forward pass: the output's loss sums are per batch
         ids = sequence.ids.copy()
         ids[1] = vocab.token_to_id[f"ehull:{c}"]
-        rows.append((torch.from_numpy(ids), torch.from_numpy(sequence.values.astype(np.float32))))
-    batch = {k: v.to(gen.device) for k, v in collate(rows, vocab.pad_id, features).items()}
-    out = {}
-    for i, c in enumerate(CLASSES):  # one row at a time: the output's loss sums are per batch
-        o = gen.model(**{k: v[i:i + 1] for k, v in batch.items()}, compute_loss=True)
-        prior = torch.nn.functional.cross_entropy(o.logits[0, :1].float(), batch["input_ids"][i, 1:2])
+        batch = {k: v.to(gen.device) for k, v in collate([(torch.from_numpy(ids), values)], vocab.pad_id, features).items()}
+        o = model(**batch, compute_loss=True)
+        prior = torch.nn.functional.cross_entropy(o.logits[0, :1].float(), batch["input_ids"][0, 1:2])
         out[c] = -float(o.loss_sum - prior)
     return out
 

@@ -109,12 +109,12 @@ def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: L
     found: dict[tuple, tuple[int, int]] = {}  # skeleton -> (nearness rank, crystals)
     for i, analogue in enumerate(analogue_conditions(cond, k, vocab)):
         rank = i % k  # analogue_conditions lists each element's k replacements nearest first
+        back = {analogue.by: analogue.replaced}
         for entry in index.entries_of_system(analogue.conditions.elements or ()):
             desc = index.tokenizer.parse(index.sequence(entry))
-            back = {analogue.by: analogue.replaced}
-            sites = tuple(sorted((s.position.letter, back.get(s.element, s.element)) for s in desc.sites))
-            near, count = found.get((desc.group.number, sites), (k, 0))
-            found[(desc.group.number, sites)] = (min(near, rank), count + 1)
+            key = (desc.group.number, tuple(sorted((s.position.letter, back.get(s.element, s.element)) for s in desc.sites)))
+            near, count = found.get(key, (k, 0))
+            found[key] = (min(near, rank), count + 1)
     out = []
     for (number, sites), _ in sorted(found.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0])):
         skeleton = replace(cond, spacegroup=number, sites=sites, complete_sites=False)

@@ -372,9 +372,8 @@ class CrystalGenerator:
         if config.analogue_source == "known":
             if cond.formula is not None:
                 raise InputError("known analogues need a chemical system (--elements), not a formula")
-            found = known_skeletons(cond, config.analogues, self.training_index(), self.limits)
-            # A system whose neighbours the model never saw has no known skeleton: sample it plainly.
-            return found
+            # A system whose neighbours the model never saw has no known skeleton: [] samples it plainly.
+            return known_skeletons(cond, config.analogues, self.training_index(), self.limits)
         found = analogue_conditions(cond, config.analogues, self.vocab)
         try:
             for a in found:
