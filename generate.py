@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     default = SamplingConfig()
     p = OneLineParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model); the sampling defaults "
-                                   "below are replaced by the model folder's sampling_config.json, where it has one")
+    p.add_argument("--model", help="model folder, Hub repo id or bundled model name (default: the bundled model); "
+                                   "the sampling defaults below are replaced by the model folder's "
+                                   "sampling_config.json, where it has one")
     p.add_argument("--elements", nargs="+", metavar="EL", help="exactly this chemical system, e.g. Al Ca Cu")
     p.add_argument("--ehull", choices=["low", "high"], help="stability class (default: sampled)")
     p.add_argument("--spacegroup", type=int, metavar="N", help="space group number 1-230 (default: sampled)")
@@ -111,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--analogues: 'sampled' (default) draws in the analogue systems; 'known' forces the Wyckoff "
                         "skeletons of the model's training crystals in them, substituted back, and the model draws "
                         "their coordinates and cell")
+    p.add_argument("--analogue-repeats", type=int, default=None, dest="analogue_repeats", metavar="R",
+                   help="--analogues: draw each analogue (a known skeleton or an analogue system) at most R times, "
+                        "the rest of the share in the requested system (default: no cap)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
     p.add_argument("--single-process", action="store_true", dest="single_process",

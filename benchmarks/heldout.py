@@ -72,12 +72,14 @@ def add_analogue_arguments(parser) -> None:
     parser.add_argument("--analogue-source", choices=ANALOGUE_SOURCES, default=SamplingConfig.analogue_source,
                         help="SamplingConfig.analogue_source: 'sampled' (default) or 'known' skeletons of the "
                              "model's training crystals in the analogue systems")
+    parser.add_argument("--analogue-repeats", type=int, default=SamplingConfig.analogue_repeats, metavar="R",
+                        help="SamplingConfig.analogue_repeats: samples per analogue at most (default: no cap)")
 
 
 def analogue_settings(args) -> dict:
     """The sampling overrides of `add_analogue_arguments`, checked by SamplingConfig (InputError)."""
     settings = {"analogues": args.analogues, "analogue_share": args.analogue_share,
-                "analogue_source": args.analogue_source}
+                "analogue_source": args.analogue_source, "analogue_repeats": args.analogue_repeats}
     SamplingConfig(**settings)
     return settings
 

@@ -8,18 +8,20 @@ from pathlib import Path
 
 from pymatgen.core import Structure
 
-from wyckoffgpt.generation import PRETRAINED_DIR, CrystalGenerator
+from wyckoffgpt.generation import BUNDLED_MODEL, PRETRAINED_DIR, CrystalGenerator, resolve_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bundled_model_folder_is_complete_and_lean():
+def test_bundled_model_folders_are_complete_lean_and_found_by_name():
     folders = [p.parent for p in PRETRAINED_DIR.glob("*/config.json")]
-    assert len(folders) == 1
-    names = {p.name for p in folders[0].iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "fingerprints.npz"} <= names
-    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # nothing to unpickle
-    assert sum(p.stat().st_size for p in folders[0].iterdir()) <= 40 * 2**20
+    assert resolve_model_path(None) == PRETRAINED_DIR / BUNDLED_MODEL in folders  # the default, without flags
+    for folder in folders:
+        names = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "fingerprints.npz"} <= names
+        assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # nothing to unpickle
+        assert sum(p.stat().st_size for p in folder.iterdir()) <= 40 * 2**20
+        assert resolve_model_path(folder.name) == folder  # `--model NAME` picks a bundled alternative
 
 
 def test_main_job_writes_only_the_requested_chemical_system(tmp_path):

@@ -119,6 +119,7 @@ def test_prompt_is_continued_verbatim(generator):
 
 def test_analogue_samples_are_substituted_back_into_the_requested_system(generator):
     from wyckoffgpt.analogues import analogue_slot
+    from wyckoffgpt.generation import InputError
 
     results = generator.generate(16, elements=["Al", "Ca", "Cu"], ehull="low", seed=0, analogues=2,
                                  check_unique=False)
@@ -126,6 +127,12 @@ def test_analogue_samples_are_substituted_back_into_the_requested_system(generat
     assert all(r.sequence.tokens[:6] == ["<bos>", "ehull:low", "n:3", "Al", "Ca", "Cu"] for r in results)
     drawn_here = [i for i in range(16) if analogue_slot(i, 0.5, 12) is None]
     assert drawn_here == list(range(0, 16, 2))  # share 0.5: every other sample
+    # A cap of 2 per analogue: the 12 analogues' first two rounds take 24 of the odd indices, the rest are plain.
+    capped = [analogue_slot(i, 0.5, 12, repeats=2) for i in range(60)]
+    assert [capped.count(j) for j in range(12)] == [2] * 12 and capped[:4] == [None, 0, None, 1]
+    assert all(slot is None for slot in capped[48:])
+    with pytest.raises(InputError, match="analogue repeats must be a positive integer"):
+        generator.generate(4, elements=["Al", "Ca", "Cu"], analogues=2, analogue_repeats=0)
     formula = generator.generate(8, formula="Ca2AlCu2", seed=1, analogues=2, check_unique=False)
     assert {r.structure.composition.reduced_formula for r in formula} == {"Ca2AlCu2"}
 

@@ -116,6 +116,23 @@ def test_resumed_run_matches_uninterrupted(dataset, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_finish_exports_an_interrupted_run_where_it_stands(dataset, tmp_path):
+    """A schedule longer than the time at hand: --resume --finish exports the best validated weights
+    so far, takes no further step, and the card says where the run ended."""
+    out, kw = tmp_path / "f", dict(max_steps=12, eval_every=3)
+    train(quick(dataset, out, stop_at_step=6, **kw))
+    summary = train(quick(dataset, out, resume=True, finish=True, **kw))
+    assert summary["step"] == 6 and summary["stop_reason"] == "ended at step 6 of 12 on request (finish)"
+    assert max(int(r["step"]) for r in log_rows(out)) == 6
+    assert "ended at step 6 of 12" in (out / "README.md").read_text()
+    assert summary["exported"].startswith("best validation checkpoint")
+    assert AutoModel.from_pretrained(str(out)).config.vocab_hash == VOCAB["vocab_hash"]
+    with pytest.raises(TrainingError, match="pass it with resume"):
+        train(quick(dataset, tmp_path / "g", finish=True, **kw))
+    with pytest.raises(TrainingError, match="nothing to finish"):
+        train(quick(dataset, tmp_path / "h", resume=True, finish=True, **kw))
+
+
 def test_grad_accumulation_normalises_by_target_tokens(dataset, tmp_path):
     """Two micro-batches of 8 with accumulation give the same step as one batch of 16: the loss is
     divided by the tokens of the whole step, not averaged over micro-batch means."""

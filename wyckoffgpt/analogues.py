@@ -71,14 +71,18 @@ def analogue_conditions(cond: Conditions, k: int, vocab: Vocab) -> list[Analogue
     return out
 
 
-def analogue_slot(index: int, share: float, n_analogues: int) -> int | None:
+def analogue_slot(index: int, share: float, n_analogues: int, repeats: int | None = None) -> int | None:
     """Which analogue (0..n_analogues-1) sample `index` of a run is drawn in; None: the requested
     system. A fixed function of the index, so that any subset of a run's batches (a resumed run,
     one process's share) draws what the whole run draws at those indices; the analogue samples are
-    spread evenly (share 0.5: every other index) and take the analogues in turn."""
+    spread evenly (share 0.5: every other index) and take the analogues in turn, each at most
+    `repeats` times (None: no cap)."""
     if n_analogues == 0 or math.floor((index + 1) * share) == math.floor(index * share):
         return None
-    return math.floor(index * share) % n_analogues
+    drawn = math.floor(index * share)  # analogue samples before this one
+    if repeats is not None and drawn >= repeats * n_analogues:
+        return None
+    return drawn % n_analogues
 
 
 def substitute(tokenizer: CrystalTokenizer, seq: CrystalSequence, analogue: Analogue) -> CrystalSequence:

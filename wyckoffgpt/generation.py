@@ -36,8 +36,9 @@ from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import STABILITY_TOKENS, Vocab, default_vocab
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-# Name of the bundled default model under PRETRAINED_DIR; None: the only model folder there.
-BUNDLED_MODEL: str | None = None
+# Name of the bundled default model under PRETRAINED_DIR; None: the only model folder there. Other
+# folders there are alternatives a user names (`--model NAME`).
+BUNDLED_MODEL: str | None = "wyckoffgpt-mp-small"
 # Longest prompt: <bos>, stability, n:k, up to 8 elements, sg; then per site orbit, element and up
 # to 3 coordinates; then up to 6 lattice values and <eos>.
 _FIXED_TOKENS = 3 + 8 + 1 + 6 + 1
@@ -152,6 +153,8 @@ def resolve_model_path(path_or_repo_id: str | Path | None) -> Path:
             raise InputError(f"model path {path} is not a folder")
         return path
     text = str(path_or_repo_id)
+    if (PRETRAINED_DIR / text / "config.json").is_file() and "/" not in text:
+        return PRETRAINED_DIR / text  # a model bundled with the package, by name
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.endswith((".json", ".safetensors")):
         try:
             from huggingface_hub import snapshot_download
@@ -401,12 +404,12 @@ class CrystalGenerator:
                  prefix: tuple[list[int], list[float]] | None, n: int, batches: Iterable[int],
                  on_finished: Callable[[int], None] | None) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
         batch_size, seed = sampler.config.batch_size, sampler.config.seed
-        share = sampler.config.analogue_share
+        share, repeats = sampler.config.analogue_share, sampler.config.analogue_repeats
         for b in batches:
             start = b * batch_size
             size = min(batch_size, n - start)
             generator = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
-            drawn = [None if (j := analogue_slot(start + i, share, len(analogues))) is None else analogues[j]
+            drawn = [None if (j := analogue_slot(start + i, share, len(analogues), repeats)) is None else analogues[j]
                      for i in range(size)]
             parsers = [SequenceParser(self.vocab, self.limits, cond if a is None else a.conditions) for a in drawn]
             with _cpu_threads(self.cpu_threads if self.device.type == "cpu" else None):

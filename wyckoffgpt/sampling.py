@@ -147,6 +147,11 @@ class SamplingConfig:
         substituted back, each sample forcing one of them (nearest substitution first, then the most
         frequent, in turn) while the model draws its free coordinates and its cell. Needs the model
         folder's training crystals (`fingerprints.npz`).
+    analogue_repeats: the most samples drawn in one analogue (a known skeleton or an analogue
+        system), a positive integer; the analogue share's samples beyond it are drawn in the
+        requested system. A system has few known skeletons (a median of 10 for the recovery
+        benchmark's systems), so without a cap a large run forces each of them many times. Default
+        None: no cap.
     """
 
     temperature: float = 1.0
@@ -162,6 +167,7 @@ class SamplingConfig:
     analogues: int = 0
     analogue_share: float = 0.5
     analogue_source: str = "sampled"
+    analogue_repeats: int | None = None
 
     def __post_init__(self) -> None:
         # One message per setting; the first out of range is reported.
@@ -192,6 +198,8 @@ class SamplingConfig:
             raise InputError(f"analogue share must be in [0, 1], got {self.analogue_share}")
         if self.analogue_source not in ANALOGUE_SOURCES:
             raise InputError(f"analogue source must be one of {', '.join(ANALOGUE_SOURCES)}, got {self.analogue_source!r}")
+        if self.analogue_repeats is not None and not (_is_int(self.analogue_repeats) and self.analogue_repeats > 0):
+            raise InputError(f"analogue repeats must be a positive integer, got {self.analogue_repeats}")
 
     @property
     def guided(self) -> bool:

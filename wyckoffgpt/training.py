@@ -140,6 +140,10 @@ class TrainConfig:
     resume: bool = _setting(False, "continue from the last checkpoint in out_dir")
     stop_at_step: int | None = _setting(
         None, "stop (with a checkpoint) after this step, keeping the full schedule; continue with resume")
+    finish: bool = _setting(
+        False, "with resume: end the interrupted run where it stands and export it (its best validated weights) "
+               "without further steps, for a schedule longer than the time at hand; the model card records "
+               "the step it ended at")
     log_every: int = _setting(20, "optimizer steps between log lines (train_log.csv and the console)")
     progress: bool = _setting(True, "show a progress bar")
     command: str | None = _setting(None, "the command recorded in the model card; None: train.py's command line")
@@ -220,6 +224,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise _fail(f"unknown model preset {cfg.model_preset!r}; valid presets: {', '.join(PRESETS)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise _fail(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.finish and not cfg.resume:
+        raise _fail("finish ends an interrupted run: pass it with resume (--resume --finish)")
     if cfg.freeze_blocks and not cfg.init_from:
         raise _fail("freeze_blocks needs init_from (freezing randomly initialised weights teaches nothing)")
     unknown = set(cfg.model_overrides) - {f for f in WyckoffGPTConfig().to_dict()} - set(PRESETS["tiny"])
@@ -714,6 +720,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) a model and export it to `cfg.out_dir`; returns a summary dict."""
     _validate(cfg)
     run = _setup(with_defaults(cfg))
+    if run.cfg.finish:
+        return _finish_early(run)
     window = _Window(run.acc.device)
     stop_reason = STEP_BUDGET
     run.model.train()
@@ -735,6 +743,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if stop_reason != STEP_BUDGET:
         run.acc.print(stop_reason)
     return _finish(run, stop_reason, window.last)
+
+
+def _finish_early(run: _Run) -> dict[str, Any]:
+    """Export an interrupted run as it stands (`finish`)."""
+    step = run.state["step"]
+    if step == 0:
+        raise _fail(f"nothing to finish: {run.out} holds no checkpoint of an interrupted run")
+    return _finish(run, f"ended at step {step} of {run.total_steps} on request (finish)", None)
 
 
 # -- setup
