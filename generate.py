@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--analogues: 'sampled' (default) draws in the analogue systems; 'known' forces the Wyckoff "
                         "skeletons of the model's training crystals in them, substituted back, and the model draws "
                         "their coordinates and cell")
+    p.add_argument("--analogue-substitutions", type=int, default=None, dest="analogue_substitutions", metavar="S",
+                   help="--analogue-source known: replace up to S elements of the system at once (default 1; 2 "
+                        "also takes the skeletons of systems two elements away)")
     p.add_argument("--analogue-repeats", type=int, default=None, dest="analogue_repeats", metavar="R",
                    help="--analogues: draw each analogue (a known skeleton or an analogue system) at most R times, "
                         "the rest of the share in the requested system (default: no cap)")

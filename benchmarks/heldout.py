@@ -72,6 +72,9 @@ def add_analogue_arguments(parser) -> None:
     parser.add_argument("--analogue-source", choices=ANALOGUE_SOURCES, default=SamplingConfig.analogue_source,
                         help="SamplingConfig.analogue_source: 'sampled' (default) or 'known' skeletons of the "
                              "model's training crystals in the analogue systems")
+    parser.add_argument("--analogue-substitutions", type=int, default=SamplingConfig.analogue_substitutions,
+                        metavar="S", help="SamplingConfig.analogue_substitutions: elements an analogue replaces at "
+                                          "once, at most (default 1)")
     parser.add_argument("--analogue-repeats", type=int, default=SamplingConfig.analogue_repeats, metavar="R",
                         help="SamplingConfig.analogue_repeats: samples per analogue at most (default: no cap)")
 
@@ -79,7 +82,8 @@ def add_analogue_arguments(parser) -> None:
 def analogue_settings(args) -> dict:
     """The sampling overrides of `add_analogue_arguments`, checked by SamplingConfig (InputError)."""
     settings = {"analogues": args.analogues, "analogue_share": args.analogue_share,
-                "analogue_source": args.analogue_source, "analogue_repeats": args.analogue_repeats}
+                "analogue_source": args.analogue_source, "analogue_repeats": args.analogue_repeats,
+                "analogue_substitutions": args.analogue_substitutions}
     SamplingConfig(**settings)
     return settings
 

@@ -2,6 +2,7 @@
 
     python benchmarks/prototype_overlap.py --data DIR [--split test] [--input data/mp_structures.csv.gz]
                                            [--stable-ehull 0.1] [--min-stable 3] [--nearest 1 2 4 6]
+                                           [--substitutions 1 2]
 
 --data: a dataset prepared with `data_prep/prepare.py --split system`. Targets as in recovery.py: the
 structures within --stable-ehull eV/atom of the hull of each ternary system of --split with at least
@@ -11,15 +12,23 @@ targets whose type occurs among the train split's crystals at all, and among tho
 systems `SamplingConfig.analogues` K would sample (one element replaced by one of its K nearest in
 Mendeleev number), for each K of --nearest. An upper bound of what drawing in analogue systems can
 recover: same type is necessary for a match, not sufficient (free coordinates and cell must agree
-too). One JSON line last.
+too).
+
+Then the same for the skeletons `analogue_source="known"` would force (`analogues.known_skeletons`:
+space group and Wyckoff positions with their elements, the replacing elements put back), for each K
+of --nearest and each number of elements replaced at once of --substitutions: the targets whose
+skeleton is among them, and the skeletons per system. One JSON line last.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -28,8 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import split_records  # noqa: E402
 from recovery import target_systems  # noqa: E402
 
-from wyckoffgpt.analogues import nearest_elements  # noqa: E402
+from wyckoffgpt.analogues import known_skeletons, nearest_elements  # noqa: E402
 from wyckoffgpt.data import SequenceDataset, load_meta  # noqa: E402
+from wyckoffgpt.fingerprints import FingerprintIndex, build_fingerprint_index  # noqa: E402
+from wyckoffgpt.grammar import Conditions  # noqa: E402
+from wyckoffgpt.tokenizer import CrystalSequence, CrystalTokenizer  # noqa: E402
 from wyckoffgpt.vocab import default_vocab  # noqa: E402
 
 VOCAB = default_vocab()
@@ -47,6 +59,31 @@ def structure_type(ids) -> tuple[str, tuple[str, tuple[tuple[str, ...], ...]]]:
     return "-".join(sorted(elements)), (group, tuple(sorted(tuple(sorted(s)) for s in sites.values())))
 
 
+def skeleton(ids, values) -> tuple[int, tuple[tuple[str, str], ...]]:
+    """(space group number, sorted (Wyckoff letter, element) of the sites): what a known skeleton fixes."""
+    desc = CrystalTokenizer(VOCAB).parse(CrystalSequence.from_ids(ids.tolist(), values.tolist(), VOCAB))
+    return desc.group.number, tuple(sorted((s.position.letter, s.element) for s in desc.sites))
+
+
+def skeleton_coverage(data: Path, systems: dict, skeleton_of: dict, nearest: list[int], substitutions: list[int]) -> dict:
+    """Per (K, S): targets whose skeleton `known_skeletons` lists, and the median skeletons per system."""
+    with tempfile.TemporaryDirectory() as tmp:
+        index = FingerprintIndex.load(build_fingerprint_index(data, Path(tmp) / "fingerprints.npz"), VOCAB)
+    out = {}
+    for k in nearest:
+        for depth in substitutions:
+            hits, sizes = 0, []
+            for system, rows in systems.items():
+                cond = Conditions("ehull:low", tuple(VOCAB.by_z(system.split("-"))))
+                found = {(a.conditions.spacegroup, a.conditions.sites) for a in known_skeletons(cond, k, index, None, depth)}
+                sizes.append(len(found))
+                hits += sum(skeleton_of[key] in found for key, _ in rows)
+            out[f"K={k},S={depth}"] = {"targets_with_skeleton": hits, "median_skeletons": float(np.median(sizes))}
+            print(f"known skeletons, K = {k}, {depth} element(s) replaced at once: {hits} targets have theirs "
+                  f"(median {np.median(sizes):g} skeletons per system)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True)
@@ -55,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stable-ehull", type=float, default=0.1)
     p.add_argument("--min-stable", type=int, default=3)
     p.add_argument("--nearest", type=int, nargs="+", default=[1, 2, 4, 6])
+    p.add_argument("--substitutions", type=int, nargs="+", default=[1, 2],
+                   help="elements replaced at once for the known-skeleton count (SamplingConfig.analogue_substitutions)")
     args = p.parse_args(argv)
     if load_meta(args.data).get("split") != "system":
         print(f"prototype_overlap.py: error: {args.data} was not prepared with --split system", file=sys.stderr)
@@ -70,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     held = SequenceDataset(args.data, args.split)
     ids = load_meta(args.data)["material_ids"][args.split]
     kind_of = {ids[i]: structure_type(held[i][0].tolist())[1] for i in range(len(held))}
+    skeleton_of = {ids[i]: skeleton(*held[i]) for i in range(len(held))}
     systems = target_systems(split_records(args.data, args.input, args.split), args.stable_ehull, args.min_stable)
     targets = [(s, kind_of[key]) for s, rows in systems.items() for key, _ in rows]
     report = {"benchmark": "prototype_overlap", "data": str(args.data), "split": args.split, "systems": len(systems),
@@ -85,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"K = {k}: {hits}/{len(targets)} targets have their structure type in an analogue system's train crystals")
     print(f"{report['type_in_train']}/{len(targets)} targets of {len(systems)} systems have their structure type "
           f"somewhere in train")
+    report["known_skeletons"] = skeleton_coverage(args.data, systems, skeleton_of, args.nearest, args.substitutions)
     print(json.dumps(report))
     return 0
 

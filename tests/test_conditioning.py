@@ -133,6 +133,8 @@ def test_analogue_samples_are_substituted_back_into_the_requested_system(generat
     assert all(slot is None for slot in capped[48:])
     with pytest.raises(InputError, match="analogue repeats must be a positive integer"):
         generator.generate(4, elements=["Al", "Ca", "Cu"], analogues=2, analogue_repeats=0)
+    with pytest.raises(InputError, match="3 analogue substitutions in a system of 2 elements"):
+        generator.generate(4, elements=["Al", "Cu"], analogues=2, analogue_source="known", analogue_substitutions=3)
     formula = generator.generate(8, formula="Ca2AlCu2", seed=1, analogues=2, check_unique=False)
     assert {r.structure.composition.reduced_formula for r in formula} == {"Ca2AlCu2"}
 
@@ -182,6 +184,37 @@ def test_known_analogues_force_the_neighbours_training_skeletons_substituted_bac
     # A model folder without training crystals: one clear error at the call.
     with pytest.raises(InputError, match="known analogues need the model's training crystals"):
         CrystalGenerator.from_pretrained(model_dir, device="cpu").generate(2, elements=["Al", "Cu", "Li"], config=known)
+
+
+def test_two_substitutions_add_the_skeletons_of_systems_two_elements_away_ranked_after_one(tmp_path):
+    from pymatgen.core import Lattice, Structure
+
+    from wyckoffgpt.analogues import known_skeletons, nearest_elements, substituted_systems
+    from wyckoffgpt.data import write_dataset
+    from wyckoffgpt.fingerprints import FingerprintIndex, build_fingerprint_index
+    from wyckoffgpt.generation import InputError
+    from wyckoffgpt.sampling import SamplingConfig
+    from wyckoffgpt.tokenizer import CrystalTokenizer
+
+    elements = ("Li", "Al", "Cu")
+    systems = list(substituted_systems(elements, 2, VOCAB, substitutions=2))
+    assert len(systems) == 3 * 2 + 3 * 2 * 2  # one of three replaced (2 choices), or two of them (2 x 2)
+    for rank, back, system in systems:
+        assert len(set(system) - set(elements)) == len(back) and set(back.values()) <= set(elements)
+        assert (rank < 2) == (len(back) == 1)  # every one-element replacement ranks first
+    # The only training crystal: a half-Heusler with Li and Al both replaced by their nearest elements.
+    far = {e: nearest_elements(e, [c for c in VOCAB.element_ids if c not in elements], 1)[0] for e in ("Li", "Al")}
+    trio = [far.get(e, e) for e in ("Al", "Cu", "Li")]
+    crystal = Structure.from_spacegroup("F-43m", Lattice.cubic(6.0), trio, [[0, 0, 0], [0.25, 0.25, 0.25], [0.5, 0.5, 0.5]])
+    seq = CrystalTokenizer().encode(crystal, 0.0)
+    write_dataset(tmp_path / "data", {"train": [(seq.ids, seq.values)]}, {**VOCAB.model_fields(), "material_ids": {"train": ["n-1"]}})
+    index = FingerprintIndex.load(build_fingerprint_index(tmp_path / "data", tmp_path / "fp.npz"), VOCAB)
+    cond = Conditions("ehull:low", tuple(VOCAB.by_z(elements)))
+    assert known_skeletons(cond, 2, index) == []  # one element away: nothing known
+    (found,) = known_skeletons(cond, 2, index, substitutions=2)
+    assert found.conditions.spacegroup == 216 and {e for _, e in found.conditions.sites} == set(elements)
+    with pytest.raises(InputError, match="need the known analogue source"):
+        SamplingConfig(analogues=2, analogue_substitutions=2)
 
 
 def test_analogue_systems_are_one_element_away_and_nearest_in_mendeleev_number(generator):

@@ -18,8 +18,9 @@ the requested chemistry.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from itertools import combinations, product
 from typing import TYPE_CHECKING
 
 from pymatgen.core import Element
@@ -32,7 +33,8 @@ from .vocab import Vocab
 if TYPE_CHECKING:
     from .fingerprints import FingerprintIndex
 
-__all__ = ["Analogue", "analogue_conditions", "analogue_slot", "known_skeletons", "nearest_elements", "substitute"]
+__all__ = ["Analogue", "analogue_conditions", "analogue_slot", "known_skeletons", "nearest_elements", "substitute",
+           "substituted_systems"]
 
 
 @dataclass(frozen=True)
@@ -103,21 +105,38 @@ def substitute(tokenizer: CrystalTokenizer, seq: CrystalSequence, analogue: Anal
     return CrystalSequence.from_tokens(tokens, canonical.values.tolist(), tokenizer.vocab)
 
 
-def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: Limits | None = None) -> list[Analogue]:
-    """The Wyckoff skeletons of the training crystals (`index`) of `cond`'s analogue systems (see
-    `analogue_conditions`; `cond` names a chemical system, no formula), with the analogue's element
-    replaced by the requested one, as conditions in the requested system: each distinct (space
-    group, sites) once, those of the nearest replacements first, then the most frequent. Skeletons
-    the grammar cannot sample within `limits` are left out."""
+def substituted_systems(elements: Sequence[str], k: int, vocab: Vocab, substitutions: int = 1
+                        ) -> Iterator[tuple[int, dict[str, str], tuple[str, ...]]]:
+    """The systems made by replacing up to `substitutions` of `elements` at once, each by one of its
+    k nearest (see `analogue_conditions`), as (nearness rank, {new: replaced element}, system). The
+    rank is the sum of the replacements' places in their nearest lists, plus k for each replacement
+    beyond the first, so that every one-element system ranks before every two-element one."""
+    candidates = [c for c in vocab.element_ids if c not in elements]
+    nearest = {e: nearest_elements(e, candidates, k) for e in elements}
+    for depth in range(1, substitutions + 1):
+        for olds in combinations(elements, depth):
+            for news in product(*(nearest[old] for old in olds)):
+                if len(set(news)) < depth:
+                    continue  # two elements replaced by the same one: a system of fewer elements
+                rank = k * (depth - 1) + sum(nearest[old].index(new) for old, new in zip(olds, news))
+                by = dict(zip(olds, news))
+                yield rank, dict(zip(news, olds)), tuple(vocab.by_z(by.get(e, e) for e in elements))
+
+
+def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: Limits | None = None,
+                    substitutions: int = 1) -> list[Analogue]:
+    """The Wyckoff skeletons of the training crystals (`index`) of the systems made by replacing up to
+    `substitutions` of `cond`'s elements by one of their k nearest (`substituted_systems`; `cond`
+    names a chemical system, no formula), with the replacing elements put back, as conditions in the
+    requested system: each distinct (space group, sites) once, those of the nearest replacements
+    first, then the most frequent. Skeletons the grammar cannot sample within `limits` are left out."""
     vocab = index.vocab
     found: dict[tuple, tuple[int, int]] = {}  # skeleton -> (nearness rank, crystals)
-    for i, analogue in enumerate(analogue_conditions(cond, k, vocab)):
-        rank = i % k  # analogue_conditions lists each element's k replacements nearest first
-        back = {analogue.by: analogue.replaced}
-        for entry in index.entries_of_system(analogue.conditions.elements or ()):
+    for rank, back, system in substituted_systems(cond.elements or (), k, vocab, substitutions):
+        for entry in index.entries_of_system(system):
             desc = index.tokenizer.parse(index.sequence(entry))
             key = (desc.group.number, tuple(sorted((s.position.letter, back.get(s.element, s.element)) for s in desc.sites)))
-            near, count = found.get(key, (k, 0))
+            near, count = found.get(key, (rank, 0))
             found[key] = (min(near, rank), count + 1)
     out = []
     for (number, sites), _ in sorted(found.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0])):

@@ -376,7 +376,11 @@ class CrystalGenerator:
             if cond.formula is not None:
                 raise InputError("known analogues need a chemical system (--elements), not a formula")
             # A system whose neighbours the model never saw has no known skeleton: [] samples it plainly.
-            return known_skeletons(cond, config.analogues, self.training_index(), self.limits)
+            if config.analogue_substitutions > len(cond.elements):
+                raise InputError(f"{config.analogue_substitutions} analogue substitutions in a system of "
+                                 f"{len(cond.elements)} elements")
+            return known_skeletons(cond, config.analogues, self.training_index(), self.limits,
+                                   config.analogue_substitutions)
         found = analogue_conditions(cond, config.analogues, self.vocab)
         try:
             for a in found:

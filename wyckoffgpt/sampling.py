@@ -147,6 +147,11 @@ class SamplingConfig:
         substituted back, each sample forcing one of them (nearest substitution first, then the most
         frequent, in turn) while the model draws its free coordinates and its cell. Needs the model
         folder's training crystals (`fingerprints.npz`).
+    analogue_substitutions: with `analogue_source="known"`, how many of the requested system's
+        elements an analogue system replaces at once, at most: 1 (default) takes the systems one
+        element away, 2 also those two elements away (each replaced by one of its k nearest, ranked
+        after all one-element replacements), which hold more of the structure types a new system
+        has. An integer from 1 to the number of requested elements.
     analogue_repeats: the most samples drawn in one analogue (a known skeleton or an analogue
         system), a positive integer; the analogue share's samples beyond it are drawn in the
         requested system. A system has few known skeletons (a median of 10 for the recovery
@@ -167,6 +172,7 @@ class SamplingConfig:
     analogues: int = 0
     analogue_share: float = 0.5
     analogue_source: str = "sampled"
+    analogue_substitutions: int = 1
     analogue_repeats: int | None = None
 
     def __post_init__(self) -> None:
@@ -198,6 +204,10 @@ class SamplingConfig:
             raise InputError(f"analogue share must be in [0, 1], got {self.analogue_share}")
         if self.analogue_source not in ANALOGUE_SOURCES:
             raise InputError(f"analogue source must be one of {', '.join(ANALOGUE_SOURCES)}, got {self.analogue_source!r}")
+        if not _is_int(self.analogue_substitutions) or self.analogue_substitutions < 1:
+            raise InputError(f"analogue substitutions must be a positive integer, got {self.analogue_substitutions}")
+        if self.analogue_substitutions > 1 and self.analogue_source != "known":
+            raise InputError("analogue substitutions beyond 1 need the known analogue source (--analogue-source known)")
         if self.analogue_repeats is not None and not (_is_int(self.analogue_repeats) and self.analogue_repeats > 0):
             raise InputError(f"analogue repeats must be a positive integer, got {self.analogue_repeats}")
 
