@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pymatgen.core import Structure
 
 from wyckoffgpt.generation import BUNDLED_MODEL, PRETRAINED_DIR, CrystalGenerator, resolve_model_path
@@ -77,10 +78,11 @@ print(json.dumps({"class": type(model).__module__, "logits": second.logits[0, -1
 """
 
 
-def test_plain_transformers_loads_the_bundled_folder_without_this_package(tmp_path):
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in PRETRAINED_DIR.glob("*/config.json")))
+def test_plain_transformers_loads_the_bundled_folder_without_this_package(tmp_path, name):
     # What a Hub user without wyckoffgpt installed runs: the code saved beside the weights must work on
     # the transformers they have, and give the library model's numbers.
-    (folder,) = [p.parent for p in PRETRAINED_DIR.glob("*/config.json")]
+    folder = PRETRAINED_DIR / name
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"))
     proc = subprocess.run([sys.executable, "-c", REMOTE_CODE_STEP, str(folder)], capture_output=True, text=True,
