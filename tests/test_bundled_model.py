@@ -52,8 +52,7 @@ def test_small_preset_builds_the_bundled_models_architecture():
     # differently shaped one: same blocks, width, mixture, dropout and running-composition input.
     from wyckoffgpt.configuration_wyckoffgpt import WyckoffGPTConfig
 
-    (folder,) = [p.parent for p in PRETRAINED_DIR.glob("*/config.json")]
-    shipped = WyckoffGPTConfig.from_pretrained(folder)
+    shipped = WyckoffGPTConfig.from_pretrained(PRETRAINED_DIR / BUNDLED_MODEL)
     preset = WyckoffGPTConfig.from_preset("small")
     fields = ("n_layer", "n_head", "n_embd", "mlp_ratio", "n_mixture", "value_basis_size", "max_position_embeddings",
               "dropout", "composition_slots", "charge_feature", "continuous_head", "position_embedding")
