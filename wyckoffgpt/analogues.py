@@ -62,14 +62,12 @@ def analogue_conditions(cond: Conditions, k: int, vocab: Vocab) -> list[Analogue
     the vocabulary's elements. With a formula, the replacing element takes the replaced one's count."""
     if not cond.elements:
         return []
-    candidates = [c for c in vocab.element_ids if c not in cond.elements]
     counts = dict(zip(cond.elements, cond.formula)) if cond.formula else None
     out = []
-    for old in cond.elements:
-        for new in nearest_elements(old, candidates, k):
-            elements = tuple(vocab.by_z(new if e == old else e for e in cond.elements))
-            formula = tuple(counts[old if e == new else e] for e in elements) if counts else None
-            out.append(Analogue(replace(cond, elements=elements, formula=formula), old, new))
+    for _, back, elements in substituted_systems(cond.elements, k, vocab):
+        ((new, old),) = back.items()
+        formula = tuple(counts[back.get(e, e)] for e in elements) if counts else None
+        out.append(Analogue(replace(cond, elements=elements, formula=formula), old, new))
     return out
 
 
@@ -108,7 +106,7 @@ def substitute(tokenizer: CrystalTokenizer, seq: CrystalSequence, analogue: Anal
 def substituted_systems(elements: Sequence[str], k: int, vocab: Vocab, substitutions: int = 1
                         ) -> Iterator[tuple[int, dict[str, str], tuple[str, ...]]]:
     """The systems made by replacing up to `substitutions` of `elements` at once, each by one of its
-    k nearest (see `analogue_conditions`), as (nearness rank, {new: replaced element}, system). The
+    k nearest (`nearest_elements`), as (nearness rank, {new: replaced element}, system). The
     rank is the sum of the replacements' places in their nearest lists, plus k for each replacement
     beyond the first, so that every one-element system ranks before every two-element one."""
     candidates = [c for c in vocab.element_ids if c not in elements]
