@@ -124,7 +124,11 @@ def test_finish_exports_an_interrupted_run_where_it_stands(dataset, tmp_path):
     summary = train(quick(dataset, out, resume=True, finish=True, **kw))
     assert summary["step"] == 6 and summary["stop_reason"] == "ended at step 6 of 12 on request (finish)"
     assert max(int(r["step"]) for r in log_rows(out)) == 6
-    assert "ended at step 6 of 12" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "ended at step 6 of 12" in card
+    last_logged = [r for r in log_rows(out) if r["loss"]][-1]
+    assert summary["train"]["loss"] == pytest.approx(float(last_logged["loss"]))  # the card's training loss
+    assert "Final training loss (last logging window): n/a" not in card
     assert summary["exported"].startswith("best validation checkpoint")
     assert AutoModel.from_pretrained(str(out)).config.vocab_hash == VOCAB["vocab_hash"]
     with pytest.raises(TrainingError, match="pass it with resume"):

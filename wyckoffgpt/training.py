@@ -750,7 +750,8 @@ def _finish_early(run: _Run) -> dict[str, Any]:
     step = run.state["step"]
     if step == 0:
         raise _fail(f"nothing to finish: {run.out} holds no checkpoint of an interrupted run")
-    return _finish(run, f"ended at step {step} of {run.total_steps} on request (finish)", None)
+    return _finish(run, f"ended at step {step} of {run.total_steps} on request (finish)",
+                   _last_logged_train(run.out / "train_log.csv"))
 
 
 # -- setup
@@ -1117,6 +1118,18 @@ def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------
 # Logging
+
+
+def _last_logged_train(path: Path) -> dict[str, float] | None:
+    """The training losses of the log's last row that has them (a finished run has no window of its own)."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["loss"]]
+    if not rows:
+        return None
+    return {"loss" if c == "loss" else c.removesuffix("_loss"): float(rows[-1][c])
+            for c in ("loss", "token_loss", "coord_loss", "length_loss", "angle_loss")}
 
 
 def _truncate_log(path: Path, step: int) -> None:
