@@ -998,7 +998,7 @@ class _Window:
         """The log row's training losses and tokens per second; starts a new window."""
         elapsed = time.perf_counter() - self.start
         self.last = self.sums.means()
-        row: dict[str, Any] = {f"{k}_loss" if k != "loss" else "loss": v for k, v in self.last.items()}
+        row: dict[str, Any] = {_log_column(k): v for k, v in self.last.items()}
         row["tokens_per_s"] = float(self.sums.tokens) / max(elapsed, 1e-9)
         self.sums = LossSums.zeros(self.device)
         self.start = time.perf_counter()
@@ -1037,7 +1037,7 @@ def _evaluate(run: _Run, row: dict[str, Any]) -> bool:
     cfg, state = run.cfg, run.state
     val = evaluate(run.acc, run.model, run.val_set, cfg.eval_batch_size or 2 * cfg.batch_size,
                    run.config.pad_token_id, run.features)  # fmt: skip
-    row.update({f"val_{k}_loss" if k != "loss" else "val_loss": v for k, v in val.items()})
+    row.update({_log_column(k, "val_"): v for k, v in val.items()})
     if state["best_val"] is None or val["loss"] < state["best_val"] - cfg.min_delta:
         state["best_val"], state["best_val_parts"], state["bad_evals"] = val["loss"], val, 0
         _save_best(run.acc, run.model, run.out)
@@ -1128,8 +1128,12 @@ def _last_logged_train(path: Path) -> dict[str, float] | None:
         rows = [r for r in csv.DictReader(f) if r["loss"]]
     if not rows:
         return None
-    return {"loss" if c == "loss" else c.removesuffix("_loss"): float(rows[-1][c])
-            for c in ("loss", "token_loss", "coord_loss", "length_loss", "angle_loss")}
+    return {part: float(rows[-1][_log_column(part)]) for part in ("loss", "token", "coord", "length", "angle")}
+
+
+def _log_column(part: str, prefix: str = "") -> str:
+    """train_log.csv's column of a loss part (`LossSums.means` key): "loss", "token_loss", "val_coord_loss"."""
+    return f"{prefix}loss" if part == "loss" else f"{prefix}{part}_loss"
 
 
 def _truncate_log(path: Path, step: int) -> None:
