@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [list(systems)[i] for i in np.random.default_rng(args.seed).permutation(len(systems))]
     names = names[:args.max_systems]
     index, training = training_lookup(args.model)
+    if index is None and sampling["analogues"] and sampling["analogue_source"] == "known":
+        # Checked here: in the workers it would surface as a pool traceback after the first system.
+        print(f"recovery.py: error: --analogue-source known needs the model's training crystals: "
+              f"{training['unknown']}", file=sys.stderr)
+        return 2
     seen = {name: seen_in_training(index, systems[name]) for name in names}
     budgets = {"main": args.n} | ({"large": args.n_large} if args.large_systems else {})
     jobs = [("large", i, s, systems[s], args.n_large, args.seed, sampling)

@@ -135,3 +135,14 @@ def test_dataset_without_material_ids_is_one_line_exit_2(tmp_path, capsys):
     code = recovery.main(["--data", str(data), "--input", str(REPO / "tests" / "data" / "mp_slice.csv.gz")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "no material ids for split 'test'" in lines[0]
+
+
+def test_known_skeletons_without_training_crystals_is_one_line_exit_2(model_dir, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        csv, data, _ = write_case(tmp_path, model_dir)  # model_dir itself has no fingerprints.npz
+        code = recovery.main(["--data", str(data), "--input", str(csv), "--model", str(model_dir), "--n", "4",
+                              "--workers", "1", "--analogues", "2", "--analogue-source", "known"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("recovery.py: error: --analogue-source known needs the model's training crystals")
