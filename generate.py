@@ -118,9 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analogue-repeats", type=int, default=None, dest="analogue_repeats", metavar="R",
                    help="--analogues: draw each analogue (a known skeleton or an analogue system) at most R times, "
                         "the rest of the share in the requested system (default: no cap)")
-    p.add_argument("--analogue-limit", type=int, default=None, dest="analogue_limit", metavar="L",
-                   help="--analogue-source known: force only the L skeletons the model finds most likely in the "
-                        "requested system (default: all)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
     p.add_argument("--single-process", action="store_true", dest="single_process",

@@ -77,16 +77,13 @@ def add_analogue_arguments(parser) -> None:
                                           "once, at most (default 1)")
     parser.add_argument("--analogue-repeats", type=int, default=SamplingConfig.analogue_repeats, metavar="R",
                         help="SamplingConfig.analogue_repeats: samples per analogue at most (default: no cap)")
-    parser.add_argument("--analogue-limit", type=int, default=SamplingConfig.analogue_limit, metavar="L",
-                        help="SamplingConfig.analogue_limit: the known skeletons forced, most likely first "
-                             "(default: all)")
 
 
 def analogue_settings(args) -> dict:
     """The sampling overrides of `add_analogue_arguments`, checked by SamplingConfig (InputError)."""
     settings = {"analogues": args.analogues, "analogue_share": args.analogue_share,
                 "analogue_source": args.analogue_source, "analogue_repeats": args.analogue_repeats,
-                "analogue_substitutions": args.analogue_substitutions, "analogue_limit": args.analogue_limit}
+                "analogue_substitutions": args.analogue_substitutions}
     SamplingConfig(**settings)
     return settings
 

@@ -186,60 +186,6 @@ def test_known_analogues_force_the_neighbours_training_skeletons_substituted_bac
         CrystalGenerator.from_pretrained(model_dir, device="cpu").generate(2, elements=["Al", "Cu", "Li"], config=known)
 
 
-def test_analogue_limit_keeps_the_skeletons_the_model_finds_most_likely(model_dir, tmp_path):
-    import shutil
-
-    import torch
-    from pymatgen.core import Lattice, Structure
-
-    from wyckoffgpt import CrystalGenerator
-    from wyckoffgpt.analogues import analogue_conditions
-    from wyckoffgpt.data import collate, write_dataset
-    from wyckoffgpt.fingerprints import build_fingerprint_index
-    from wyckoffgpt.generation import InputError
-    from wyckoffgpt.sampling import Sampler, SamplingConfig
-    from wyckoffgpt.tokenizer import CrystalTokenizer
-
-    # Two structure types of the first analogue system of Al-Cu-Li: a half-Heusler and a full Heusler.
-    neighbour = analogue_conditions(Conditions("ehull:low", ("Li", "Al", "Cu")), 1, VOCAB)[0]
-    trio = [neighbour.by if e == neighbour.replaced else e for e in ("Al", "Cu", "Li")]
-    half = Structure.from_spacegroup("F-43m", Lattice.cubic(6.0), trio, [[0, 0, 0], [0.25, 0.25, 0.25], [0.5, 0.5, 0.5]])
-    full = Structure.from_spacegroup("Fm-3m", Lattice.cubic(6.0), trio, [[0.25, 0.25, 0.25], [0, 0, 0], [0.5, 0.5, 0.5]])
-    seqs = [CrystalTokenizer().encode(c, 0.5) for c in (half, full)]  # ehull:high in training
-    write_dataset(tmp_path / "data", {"train": [(s.ids, s.values) for s in seqs]},
-                  {**VOCAB.model_fields(), "material_ids": {"train": ["n-1", "n-2"]}})
-    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
-    build_fingerprint_index(tmp_path / "data", folder / "fingerprints.npz")
-    gen = CrystalGenerator.from_pretrained(folder, device="cpu")
-    cond = gen.conditions(["Al", "Cu", "Li"], "low")
-
-    every = gen.analogues(cond, SamplingConfig(analogues=1, analogue_source="known"))
-    assert sorted(a.conditions.spacegroup for a in every) == [216, 225]
-    # Each skeleton's example is its training crystal in the requested system, with the request's class.
-    for a in every:
-        desc = gen.tokenizer.parse(a.example)
-        assert desc.stability == "ehull:low" and set(desc.elements) == {"Al", "Cu", "Li"}
-        assert (desc.group.number, tuple(sorted((s.position.letter, s.element) for s in desc.sites))) == \
-            (a.conditions.spacegroup, a.conditions.sites)
-    # The score is the model's own token log-likelihood: minus its training loss's token part.
-    scores = Sampler(gen.model).token_log_probs([a.example for a in every], VOCAB)
-    for a, score in zip(every, scores):
-        batch = collate([(torch.as_tensor(a.example.ids), torch.as_tensor(a.example.values, dtype=torch.float32))],
-                        VOCAB.pad_id)
-        with torch.no_grad():
-            loss = gen.model(**batch, compute_loss=True).token_loss_sum.item()
-        assert score == pytest.approx(-loss, rel=1e-4)
-    (kept,) = gen.analogues(cond, SamplingConfig(analogues=1, analogue_source="known", analogue_limit=1))
-    assert kept == every[max(range(2), key=lambda i: scores[i])]
-    both = gen.analogues(cond, SamplingConfig(analogues=1, analogue_source="known", analogue_limit=5))
-    assert [a.conditions.spacegroup for a in both] == [every[i].conditions.spacegroup
-                                                       for i in sorted(range(2), key=lambda i: -scores[i])]
-    with pytest.raises(InputError, match="analogue limit needs the known analogue source"):
-        SamplingConfig(analogues=2, analogue_limit=3)
-    with pytest.raises(InputError, match="analogue limit must be a positive integer"):
-        SamplingConfig(analogues=2, analogue_source="known", analogue_limit=0)
-
-
 def test_two_substitutions_add_the_skeletons_of_systems_two_elements_away_ranked_after_one(tmp_path):
     from pymatgen.core import Lattice, Structure
 

@@ -44,9 +44,6 @@ class Analogue:
     conditions: Conditions
     replaced: str | None  # the requested system's element (None: a known skeleton, already in it)
     by: str | None  # the element drawn in its place
-    # A known skeleton's first training crystal with the requested elements put back (what
-    # `SamplingConfig.analogue_limit` scores); None for an analogue system.
-    example: CrystalSequence | None = None
 
     @property
     def system(self) -> str:
@@ -92,18 +89,10 @@ def substitute(tokenizer: CrystalTokenizer, seq: CrystalSequence, analogue: Anal
     """The sequence of the crystal `seq` describes (a sample drawn in `analogue`'s system) with
     `analogue.by` replaced by `analogue.replaced`: same sites, values and stability token, re-encoded
     canonically where the substituted crystal encodes (else in the sampled site order)."""
-    return _relabelled(tokenizer, seq, {analogue.by: analogue.replaced})
-
-
-def _relabelled(tokenizer: CrystalTokenizer, seq: CrystalSequence, back: dict[str, str],
-                stability: str | None = None) -> CrystalSequence:
-    """`seq` (a parsable sequence) with each element of `back`'s keys replaced by its value, and
-    the stability token `stability` (None: kept); re-encoded canonically where the relabelled
-    crystal encodes, else in the given site order."""
-    desc = tokenizer.parse(seq)
+    desc = tokenizer.parse(seq)  # a sampled sequence always parses: the grammar made it
+    back = {analogue.by: analogue.replaced}
     desc = replace(desc, elements=tokenizer.vocab.by_z(back.get(e, e) for e in desc.elements),
-                   sites=[replace(s, element=back.get(s.element, s.element)) for s in desc.sites],
-                   stability=stability or desc.stability)
+                   sites=[replace(s, element=back.get(s.element, s.element)) for s in desc.sites])
     relabelled = tokenizer.from_description(desc)
     try:
         canonical = tokenizer.encode(tokenizer.decode(relabelled))
@@ -138,23 +127,21 @@ def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: L
     `substitutions` of `cond`'s elements by one of their k nearest (`substituted_systems`; `cond`
     names a chemical system, no formula), with the replacing elements put back, as conditions in the
     requested system: each distinct (space group, sites) once, those of the nearest replacements
-    first, then the most frequent, each with its first training crystal relabelled as its example.
-    Skeletons the grammar cannot sample within `limits` are left out."""
+    first, then the most frequent. Skeletons the grammar cannot sample within `limits` are left out."""
     vocab = index.vocab
-    found: dict[tuple, tuple[int, int, int, dict[str, str]]] = {}  # skeleton -> (nearness rank, crystals, entry, back)
+    found: dict[tuple, tuple[int, int]] = {}  # skeleton -> (nearness rank, crystals)
     for rank, back, system in substituted_systems(cond.elements or (), k, vocab, substitutions):
         for entry in index.entries_of_system(system):
             desc = index.tokenizer.parse(index.sequence(entry))
             key = (desc.group.number, tuple(sorted((s.position.letter, back.get(s.element, s.element)) for s in desc.sites)))
-            near, count, first, first_back = found.get(key, (rank, 0, entry, back))
-            found[key] = (min(near, rank), count + 1, first, first_back)
+            near, count = found.get(key, (rank, 0))
+            found[key] = (min(near, rank), count + 1)
     out = []
-    for (number, sites), (_, _, entry, back) in sorted(found.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0])):
+    for (number, sites), _ in sorted(found.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0])):
         skeleton = replace(cond, spacegroup=number, sites=sites, complete_sites=False)
         try:
             check_conditions(vocab, skeleton, limits)
         except ValueError:
             continue
-        example = _relabelled(index.tokenizer, index.sequence(entry), back, cond.stability)
-        out.append(Analogue(skeleton, None, None, example))
+        out.append(Analogue(skeleton, None, None))
     return out

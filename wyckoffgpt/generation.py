@@ -379,9 +379,8 @@ class CrystalGenerator:
             if config.analogue_substitutions > len(cond.elements):
                 raise InputError(f"{config.analogue_substitutions} analogue substitutions in a system of "
                                  f"{len(cond.elements)} elements")
-            skeletons = known_skeletons(cond, config.analogues, self.training_index(), self.limits,
-                                        config.analogue_substitutions)
-            return skeletons if config.analogue_limit is None else self.most_likely(skeletons, config)
+            return known_skeletons(cond, config.analogues, self.training_index(), self.limits,
+                                   config.analogue_substitutions)
         found = analogue_conditions(cond, config.analogues, self.vocab)
         try:
             for a in found:
@@ -389,13 +388,6 @@ class CrystalGenerator:
         except ValueError as e:
             raise InputError(f"analogue system {a.system}: {e}") from None
         return found
-
-    def most_likely(self, skeletons: list[Analogue], config: SamplingConfig) -> list[Analogue]:
-        """The `config.analogue_limit` known skeletons whose examples the model scores highest
-        (`Sampler.token_log_probs`), most likely first (ties: the given order)."""
-        scores = Sampler(self.model, config).token_log_probs([a.example for a in skeletons], self.vocab)
-        order = sorted(range(len(skeletons)), key=lambda i: -scores[i])
-        return [skeletons[i] for i in order[: config.analogue_limit]]
 
     def training_index(self):
         """The model's training crystals (`fingerprints.npz` of its folder), loaded on first use;

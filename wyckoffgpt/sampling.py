@@ -41,7 +41,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,7 +48,6 @@ import torch
 from .atomic import atomic_write
 from .chemistry import CHARGE_CHECKS, passes_charge_check
 from .composition import feature_size, parser_features, sequence_features
-from .data import collate
 from .decode import (
     DEFAULT_MIN_DISTANCE,
     DEFAULT_SYMPREC,
@@ -63,9 +61,6 @@ from .descriptions import description_composition
 from .grammar import DecodeError, SequenceParser, WyckoffDescription
 from .structure_io import InputError
 from .vocab import STABILITY_TOKENS, Vocab
-
-if TYPE_CHECKING:
-    from .tokenizer import CrystalSequence
 
 VALUE_REDRAWS = 4
 GUIDANCE_CONTRASTS = ("opposite", "unknown")
@@ -162,14 +157,6 @@ class SamplingConfig:
         requested system. A system has few known skeletons (a median of 10 for the recovery
         benchmark's systems), so without a cap a large run forces each of them many times. Default
         None: no cap.
-    analogue_limit: with `analogue_source="known"`, force only the `analogue_limit` known skeletons
-        the model finds most likely in the requested system (the log-probability of the tokens of
-        a training crystal of that skeleton, its elements put back and the request's stability
-        token set: `Sampler.token_log_probs`), most likely first; a positive integer. A wider
-        neighbourhood (`analogues` 6 rather than 4) holds more of a new system's structure types,
-        but spread over all its skeletons each right one is drawn too few times to get its cell
-        and coordinates within a matcher's tolerance; the limit keeps the draws on the plausible
-        ones. Default None: every skeleton, nearest replacement first.
     """
 
     temperature: float = 1.0
@@ -187,7 +174,6 @@ class SamplingConfig:
     analogue_source: str = "sampled"
     analogue_substitutions: int = 1
     analogue_repeats: int | None = None
-    analogue_limit: int | None = None
 
     def __post_init__(self) -> None:
         # One message per setting; the first out of range is reported.
@@ -224,10 +210,6 @@ class SamplingConfig:
             raise InputError("analogue substitutions beyond 1 need the known analogue source (--analogue-source known)")
         if self.analogue_repeats is not None and not (_is_int(self.analogue_repeats) and self.analogue_repeats > 0):
             raise InputError(f"analogue repeats must be a positive integer, got {self.analogue_repeats}")
-        if self.analogue_limit is not None and not (_is_int(self.analogue_limit) and self.analogue_limit > 0):
-            raise InputError(f"analogue limit must be a positive integer, got {self.analogue_limit}")
-        if self.analogue_limit is not None and self.analogue_source != "known":
-            raise InputError("an analogue limit needs the known analogue source (--analogue-source known)")
 
     @property
     def guided(self) -> bool:
@@ -599,25 +581,6 @@ class Sampler:
                     comp[i, k:] = torch.from_numpy(sequence_features(rows.parsers[r].vocab, rows.ids[r], slots,
                                                                      charge))
         return _Live(torch.tensor(pending, device=dev), ids, vals, mask, comp)
-
-    @torch.no_grad()
-    def token_log_probs(self, sequences: list[CrystalSequence], vocab: Vocab, batch_size: int = 64) -> list[float]:
-        """The model's log-probability (nats) of each complete sequence's tokens, teacher-forced on
-        its own tokens and values; the values' densities are left out (a score of the discrete
-        choices: space group, sites, elements)."""
-        slots, charge = self._composition_inputs
-        pad = self.model.config.pad_token_id
-        features = functools.partial(sequence_features, vocab, slots=slots, charge=charge) if slots else None
-        out: list[float] = []
-        for lo in range(0, len(sequences), batch_size):
-            rows = [(torch.as_tensor(s.ids, dtype=torch.long), torch.as_tensor(s.values, dtype=torch.float32))
-                    for s in sequences[lo:lo + batch_size]]
-            batch = {k: v.to(self.device) for k, v in collate(rows, pad, features).items()}
-            logits = self.model(**batch).logits[:, :-1].float()
-            targets = batch["input_ids"][:, 1:]
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            out.extend((logp * (targets != pad)).sum(dim=1).tolist())
-        return out
 
     @property
     def _composition_inputs(self) -> tuple[int, bool]:
