@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analogue-repeats", type=int, default=None, dest="analogue_repeats", metavar="R",
                    help="--analogues: draw each analogue (a known skeleton or an analogue system) at most R times, "
                         "the rest of the share in the requested system (default: no cap)")
+    p.add_argument("--analogue-templates", action="store_true", default=None, dest="analogue_templates",
+                   help="--analogue-source known: each skeleton's first sample is its neighbour's training crystal "
+                        "with the elements put back (flagged 'template' in summary.csv), not drawn")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder named after the run)")
     p.add_argument("--format", choices=FORMATS, default="cif")
     p.add_argument("--single-process", action="store_true", dest="single_process",

@@ -77,13 +77,16 @@ def add_analogue_arguments(parser) -> None:
                                           "once, at most (default 1)")
     parser.add_argument("--analogue-repeats", type=int, default=SamplingConfig.analogue_repeats, metavar="R",
                         help="SamplingConfig.analogue_repeats: samples per analogue at most (default: no cap)")
+    parser.add_argument("--analogue-templates", action="store_true",
+                        help="SamplingConfig.analogue_templates: each known skeleton's first sample is its "
+                             "neighbour's crystal with the elements put back")
 
 
 def analogue_settings(args) -> dict:
     """The sampling overrides of `add_analogue_arguments`, checked by SamplingConfig (InputError)."""
     settings = {"analogues": args.analogues, "analogue_share": args.analogue_share,
                 "analogue_source": args.analogue_source, "analogue_repeats": args.analogue_repeats,
-                "analogue_substitutions": args.analogue_substitutions}
+                "analogue_substitutions": args.analogue_substitutions, "analogue_templates": args.analogue_templates}
     SamplingConfig(**settings)
     return settings
 

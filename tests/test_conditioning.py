@@ -139,7 +139,9 @@ def test_analogue_samples_are_substituted_back_into_the_requested_system(generat
     assert {r.structure.composition.reduced_formula for r in formula} == {"Ca2AlCu2"}
 
 
-def test_known_analogues_force_the_neighbours_training_skeletons_substituted_back(model_dir, tmp_path):
+def _knows_a_half_heusler(model_dir, tmp_path):
+    """A copy of the random model whose training crystals are a half-Heusler of the first analogue
+    system of Al-Cu-Li, twice: (generator, that analogue, the crystal, its sequence)."""
     import shutil
 
     from pymatgen.core import Lattice, Structure
@@ -148,11 +150,8 @@ def test_known_analogues_force_the_neighbours_training_skeletons_substituted_bac
     from wyckoffgpt.analogues import analogue_conditions
     from wyckoffgpt.data import write_dataset
     from wyckoffgpt.fingerprints import build_fingerprint_index
-    from wyckoffgpt.generation import InputError
-    from wyckoffgpt.sampling import SamplingConfig
     from wyckoffgpt.tokenizer import CrystalTokenizer
 
-    # The model's training crystals: a half-Heusler of the first analogue system of Al-Cu-Li, twice.
     neighbour = analogue_conditions(Conditions("ehull:low", ("Li", "Al", "Cu")), 1, VOCAB)[0]
     trio = [neighbour.by if e == neighbour.replaced else e for e in ("Al", "Cu", "Li")]
     crystal = Structure.from_spacegroup("F-43m", Lattice.cubic(6.0), trio, [[0, 0, 0], [0.25, 0.25, 0.25], [0.5, 0.5, 0.5]])
@@ -161,8 +160,15 @@ def test_known_analogues_force_the_neighbours_training_skeletons_substituted_bac
     write_dataset(data, {"train": [(seq.ids, seq.values)] * 2}, {**VOCAB.model_fields(), "material_ids": {"train": ["n-1", "n-2"]}})
     folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
     build_fingerprint_index(data, folder / "fingerprints.npz")
-    gen = CrystalGenerator.from_pretrained(folder, device="cpu")
+    return CrystalGenerator.from_pretrained(folder, device="cpu"), neighbour, crystal, seq
 
+
+def test_known_analogues_force_the_neighbours_training_skeletons_substituted_back(model_dir, tmp_path):
+    from wyckoffgpt import CrystalGenerator
+    from wyckoffgpt.generation import InputError
+    from wyckoffgpt.sampling import SamplingConfig
+
+    gen, neighbour, _, seq = _knows_a_half_heusler(model_dir, tmp_path)
     known = SamplingConfig(analogues=1, analogue_source="known")
     skeletons = gen.analogues(gen.conditions(["Al", "Cu", "Li"], "low"), known)
     back = {neighbour.by: neighbour.replaced}
@@ -184,6 +190,30 @@ def test_known_analogues_force_the_neighbours_training_skeletons_substituted_bac
     # A model folder without training crystals: one clear error at the call.
     with pytest.raises(InputError, match="known analogues need the model's training crystals"):
         CrystalGenerator.from_pretrained(model_dir, device="cpu").generate(2, elements=["Al", "Cu", "Li"], config=known)
+
+
+def test_templates_put_the_neighbours_own_crystal_first_and_change_no_drawn_sample(model_dir, tmp_path):
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from wyckoffgpt.generation import InputError
+    from wyckoffgpt.sampling import SamplingConfig
+
+    gen, neighbour, crystal, _ = _knows_a_half_heusler(model_dir, tmp_path)
+    known = SamplingConfig(analogues=1, analogue_source="known", seed=3)
+    drawn = gen.generate(8, elements=["Al", "Cu", "Li"], ehull="low", config=known, check_unique=False)
+    templated = gen.generate(8, elements=["Al", "Cu", "Li"], ehull="low", config=known.replace(analogue_templates=True),
+                             check_unique=False)
+    # The one skeleton's first sample (index 1) is the training crystal with the element put back,
+    # its cell and coordinates as they were; every other sample is the model's, as without templates.
+    assert [i for i, r in enumerate(templated) if "template" in r.flags] == [1]
+    substituted = crystal.copy()
+    substituted.replace_species({neighbour.by: neighbour.replaced})
+    first = templated[1].structure
+    assert first.composition == substituted.composition and first.lattice.abc == pytest.approx(substituted.lattice.abc)
+    assert StructureMatcher(scale=False).fit(first, substituted) and templated[1].sequence.tokens[1] == "ehull:low"
+    assert all(a.sequence == b.sequence for k, (a, b) in enumerate(zip(drawn, templated)) if k != 1)
+    with pytest.raises(InputError, match="analogue templates need the known analogue source"):
+        SamplingConfig(analogues=1, analogue_templates=True)
 
 
 def test_two_substitutions_add_the_skeletons_of_systems_two_elements_away_ranked_after_one(tmp_path):

@@ -103,6 +103,7 @@ def test_report_counts_targets_seen_in_training(model_dir, tmp_path, capsys):
     assert report["training_data"]["split"] == "random"
     assert "2 of the 3 targets are among the model's training crystals" in stdout
     assert main["per_system"]["Al-Cu-Li"]["targets"] == 3
+    assert main["recovered_by_drawn"] == main["recovered"]  # no templates: every sample was drawn
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -144,7 +144,7 @@ def test_a_part_prepared_by_the_sampler_gets_the_rows_the_worker_gives(model_dir
     gen = CrystalGenerator.from_pretrained(model_dir, device="cpu")
     settings = RunSettings.from_dict({"n": 16, "elements": ["Al", "Ca", "Cu"], "seed": 5, "batch_size": 16})
     batch = next(gen.iter_batches(16, elements=["Al", "Ca", "Cu"], config=settings.sampling))
-    batch = batch + [(i + 16, seq, r) for i, seq, r in batch]  # each crystal twice: the second a duplicate
+    batch = batch + [s._replace(index=s.index + 16) for s in batch]  # each crystal twice: the second a duplicate
     finishers = {}
     for name in ("worker", "sampler"):
         (tmp_path / name).mkdir()

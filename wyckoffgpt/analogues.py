@@ -13,7 +13,10 @@ that elements close in it form compounds of the same structure types.
 A second source (`SamplingConfig.analogue_source = "known"`) takes the structure types the
 neighbours are known to have: the Wyckoff skeletons of the model's training crystals in the analogue
 systems, substituted back, each forced on a sample whose coordinates and cell the model draws for
-the requested chemistry.
+the requested chemistry. With templates (`SamplingConfig.analogue_templates`), the first sample of
+each skeleton is the neighbour's crystal itself with the elements put back (the classic substitution
+of known prototypes; the model draws the later ones): where the skeleton is right, the neighbour's
+coordinates usually are too, and the model's draws miss them more often than not.
 """
 from __future__ import annotations
 
@@ -33,8 +36,8 @@ from .vocab import Vocab
 if TYPE_CHECKING:
     from .fingerprints import FingerprintIndex
 
-__all__ = ["Analogue", "analogue_conditions", "analogue_slot", "known_skeletons", "nearest_elements", "substitute",
-           "substituted_systems"]
+__all__ = ["Analogue", "analogue_conditions", "analogue_slot", "first_round", "known_skeletons", "nearest_elements",
+           "substitute", "substituted_systems"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,11 @@ class Analogue:
     conditions: Conditions
     replaced: str | None  # the requested system's element (None: a known skeleton, already in it)
     by: str | None  # the element drawn in its place
+    # A known skeleton's training crystal of the nearest replacement, with the requested elements put
+    # back and the request's stability token (`SamplingConfig.analogue_templates`), and its
+    # material id; None for an analogue system.
+    template: CrystalSequence | None = None
+    template_id: str | None = None
 
     @property
     def system(self) -> str:
@@ -85,14 +93,28 @@ def analogue_slot(index: int, share: float, n_analogues: int, repeats: int | Non
     return drawn % n_analogues
 
 
+def first_round(index: int, share: float, n_analogues: int) -> bool:
+    """Whether sample `index` of a run is drawn in an analogue for the first time (the first pass of
+    `analogue_slot` over the analogues), where `SamplingConfig.analogue_templates` puts the templates."""
+    return analogue_slot(index, share, n_analogues) is not None and math.floor(index * share) < n_analogues
+
+
 def substitute(tokenizer: CrystalTokenizer, seq: CrystalSequence, analogue: Analogue) -> CrystalSequence:
     """The sequence of the crystal `seq` describes (a sample drawn in `analogue`'s system) with
     `analogue.by` replaced by `analogue.replaced`: same sites, values and stability token, re-encoded
     canonically where the substituted crystal encodes (else in the sampled site order)."""
-    desc = tokenizer.parse(seq)  # a sampled sequence always parses: the grammar made it
-    back = {analogue.by: analogue.replaced}
+    return _relabelled(tokenizer, seq, {analogue.by: analogue.replaced})
+
+
+def _relabelled(tokenizer: CrystalTokenizer, seq: CrystalSequence, back: dict[str, str],
+                stability: str | None = None) -> CrystalSequence:
+    """`seq` (a parsable sequence: sampled, or a training crystal's) with each element of `back`'s
+    keys replaced by its value and the stability token `stability` (None: kept), re-encoded
+    canonically where the relabelled crystal encodes, else in the given site order."""
+    desc = tokenizer.parse(seq)
     desc = replace(desc, elements=tokenizer.vocab.by_z(back.get(e, e) for e in desc.elements),
-                   sites=[replace(s, element=back.get(s.element, s.element)) for s in desc.sites])
+                   sites=[replace(s, element=back.get(s.element, s.element)) for s in desc.sites],
+                   stability=stability or desc.stability)
     relabelled = tokenizer.from_description(desc)
     try:
         canonical = tokenizer.encode(tokenizer.decode(relabelled))
@@ -127,21 +149,27 @@ def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: L
     `substitutions` of `cond`'s elements by one of their k nearest (`substituted_systems`; `cond`
     names a chemical system, no formula), with the replacing elements put back, as conditions in the
     requested system: each distinct (space group, sites) once, those of the nearest replacements
-    first, then the most frequent. Skeletons the grammar cannot sample within `limits` are left out."""
+    first, then the most frequent, each with its template (`Analogue.template`: the first training
+    crystal of its nearest replacement, relabelled). Skeletons the grammar cannot sample within
+    `limits` are left out."""
     vocab = index.vocab
-    found: dict[tuple, tuple[int, int]] = {}  # skeleton -> (nearness rank, crystals)
+    # skeleton -> (nearness rank, crystals, the nearest crystal and its replacements)
+    found: dict[tuple, tuple[int, int, int, dict[str, str]]] = {}
     for rank, back, system in substituted_systems(cond.elements or (), k, vocab, substitutions):
         for entry in index.entries_of_system(system):
             desc = index.tokenizer.parse(index.sequence(entry))
             key = (desc.group.number, tuple(sorted((s.position.letter, back.get(s.element, s.element)) for s in desc.sites)))
-            near, count = found.get(key, (rank, 0))
-            found[key] = (min(near, rank), count + 1)
+            near, count, nearest, nearest_back = found.get(key, (rank, 0, entry, back))
+            if rank < near:
+                nearest, nearest_back = entry, back
+            found[key] = (min(near, rank), count + 1, nearest, nearest_back)
     out = []
-    for (number, sites), _ in sorted(found.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0])):
+    for (number, sites), (_, _, entry, back) in sorted(found.items(), key=lambda kv: (kv[1][0], -kv[1][1], kv[0])):
         skeleton = replace(cond, spacegroup=number, sites=sites, complete_sites=False)
         try:
             check_conditions(vocab, skeleton, limits)
         except ValueError:
             continue
-        out.append(Analogue(skeleton, None, None))
+        template = _relabelled(index.tokenizer, index.sequence(entry), back, cond.stability)
+        out.append(Analogue(skeleton, None, None, template, str(index.material_ids[entry])))
     return out

@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from pymatgen.core import Element, Structure
 
-from .analogues import Analogue, analogue_conditions, analogue_slot, known_skeletons, substitute
+from .analogues import Analogue, analogue_conditions, analogue_slot, first_round, known_skeletons, substitute
 from .chemistry import passes_charge_check, smact_valid
 from .conditioning import ConditioningError, check_prompt, parse_formula, parse_prompt, parse_wyckoff
 from .decode import check_structure
@@ -61,6 +61,15 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
 
 
 
+class Sample(NamedTuple):
+    """A sequence as `CrystalGenerator.iter_batches` yields it, before decoding."""
+
+    index: int  # its place in the run
+    sequence: CrystalSequence
+    retries: int  # how often the sampler sent it back
+    template: str | None = None  # the material id of the training crystal it copies (analogue_templates)
+
+
 @dataclass
 class GeneratedCrystal:
     """One sample: its sequence, the structure (None when it did not decode) and the filter results.
@@ -69,7 +78,9 @@ class GeneratedCrystal:
     threshold), "spacegroup_mismatch" (spglib finds another group than the sequence's),
     "duplicate" (matches an earlier valid sample), "filter_error" (the checks failed numerically; the
     structure is then also marked "too_close" so it is not written), "not_charge_balanced" (the
-    composition failed the generator's charge check and the retries did not mend it; not written).
+    composition failed the generator's charge check and the retries did not mend it; not written),
+    "template" (not drawn: a known crystal of a neighbouring system with the requested elements put
+    back, `SamplingConfig.analogue_templates`; written like any other).
     charge_balanced: the composition passes SMACT (`wyckoffgpt.chemistry.smact_valid`), whatever
     charge check was in force; None when the sequence did not decode."""
 
@@ -327,7 +338,7 @@ class CrystalGenerator:
                      formula_units: Sequence[int] | None = None, wyckoff: str | None = None,
                      complete_sites: bool = False, prompt: str | None = None, config: SamplingConfig | None = None,
                      batches: Iterable[int] | None = None, on_finished: Callable[[int], None] | None = None,
-                     **overrides: Any) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+                     **overrides: Any) -> Iterator[list[Sample]]:
         """The sampled sequences before decoding, one list of (index, sequence, retries) per batch
         (the conditions, `config` and keyword overrides of its fields: see `generate`).
 
@@ -406,9 +417,10 @@ class CrystalGenerator:
 
     def _batches(self, sampler: Sampler, cond: Conditions, analogues: list[Analogue],
                  prefix: tuple[list[int], list[float]] | None, n: int, batches: Iterable[int],
-                 on_finished: Callable[[int], None] | None) -> Iterator[list[tuple[int, CrystalSequence, int]]]:
+                 on_finished: Callable[[int], None] | None) -> Iterator[list[Sample]]:
         batch_size, seed = sampler.config.batch_size, sampler.config.seed
         share, repeats = sampler.config.analogue_share, sampler.config.analogue_repeats
+        templates = sampler.config.analogue_templates
         for b in batches:
             start = b * batch_size
             size = min(batch_size, n - start)
@@ -420,10 +432,15 @@ class CrystalGenerator:
                 batch = sampler.sample(parsers, generator=generator, on_step=on_finished, prefix=prefix)
             out = []
             for i, (ids, values, retries) in enumerate(zip(batch.ids, batch.values, batch.retries)):
+                a = drawn[i]
+                if templates and a is not None and a.template is not None and first_round(start + i, share, len(analogues)):
+                    # Drawn all the same, so that every other sample of the run is what it is without templates.
+                    out.append(Sample(start + i, a.template, 0, a.template_id))
+                    continue
                 seq = CrystalSequence.from_ids(ids, values, self.vocab)
-                if drawn[i] is not None and drawn[i].by is not None:
-                    seq = substitute(self.tokenizer, seq, drawn[i])
-                out.append((start + i, seq, retries))
+                if a is not None and a.by is not None:
+                    seq = substitute(self.tokenizer, seq, a)
+                out.append(Sample(start + i, seq, retries))
             yield out
 
     def iter_generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
@@ -438,8 +455,7 @@ class CrystalGenerator:
         config = self.sampling_config(config, **overrides)
         sequences = self.iter_batches(n, elements=elements, ehull=ehull, spacegroup=spacegroup, config=config,
                                       batches=batches, on_finished=on_finished, **kwargs)
-        return (finish_sample(self.tokenizer, index, seq, retries, config)
-                for batch in sequences for index, seq, retries in batch)
+        return (finish_sample(self.tokenizer, sample, config) for batch in sequences for sample in batch)
 
     def generate(self, n: int, elements: Sequence[str] | None = None, ehull: str | None = None,
                  spacegroup: int | None = None, *, formula: str | None = None,
@@ -500,12 +516,13 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([int(seed) % 2**63, batch]).generate_state(1, np.uint64)[0]) >> 1
 
 
-def finish_sample(tokenizer: CrystalTokenizer, index: int, seq: CrystalSequence, retries: int,
-                  config: SamplingConfig) -> GeneratedCrystal:
+def finish_sample(tokenizer: CrystalTokenizer, sample: Sample, config: SamplingConfig) -> GeneratedCrystal:
     """A sampled sequence decoded and put through the filters of `config` (its min_distance, symprec
     and charge_check; needs no model: runs in any process)."""
-    result = _result(tokenizer, index, seq, config.temperature, config.min_distance, config.symprec)
-    result.retries = retries
+    result = _result(tokenizer, sample.index, sample.sequence, config.temperature, config.min_distance, config.symprec)
+    result.retries = sample.retries
+    if sample.template is not None:
+        result.flags.append("template")
     if result.structure is not None and not passes_charge_check(result.structure.composition, config.charge_check):
         result.flags.append("not_charge_balanced")
     return result

@@ -157,6 +157,11 @@ class SamplingConfig:
         requested system. A system has few known skeletons (a median of 10 for the recovery
         benchmark's systems), so without a cap a large run forces each of them many times. Default
         None: no cap.
+    analogue_templates: with `analogue_source="known"`, the first sample drawn in each known
+        skeleton is not drawn: it is the skeleton's training crystal of the nearest replacement, the
+        replacing element(s) put back, cell and coordinates as they are (a substituted known crystal,
+        flagged "template" in its results); the skeleton's later samples are the model's. Default
+        False: the model draws every sample.
     """
 
     temperature: float = 1.0
@@ -174,6 +179,7 @@ class SamplingConfig:
     analogue_source: str = "sampled"
     analogue_substitutions: int = 1
     analogue_repeats: int | None = None
+    analogue_templates: bool = False
 
     def __post_init__(self) -> None:
         # One message per setting; the first out of range is reported.
@@ -210,6 +216,10 @@ class SamplingConfig:
             raise InputError("analogue substitutions beyond 1 need the known analogue source (--analogue-source known)")
         if self.analogue_repeats is not None and not (_is_int(self.analogue_repeats) and self.analogue_repeats > 0):
             raise InputError(f"analogue repeats must be a positive integer, got {self.analogue_repeats}")
+        if not isinstance(self.analogue_templates, bool):
+            raise InputError(f"analogue templates must be true or false, got {self.analogue_templates!r}")
+        if self.analogue_templates and self.analogue_source != "known":
+            raise InputError("analogue templates need the known analogue source (--analogue-source known)")
 
     @property
     def guided(self) -> bool:

@@ -42,7 +42,7 @@ from pymatgen.core import Structure
 
 from .atomic import atomic_write
 from .duplicates import DuplicateIndex
-from .generation import CrystalGenerator, GeneratedCrystal, finish_sample
+from .generation import CrystalGenerator, GeneratedCrystal, Sample, finish_sample
 from .sampling import FIELD_NAMES, SamplingConfig, check_num_samples
 from .tokenizer import CrystalSequence, CrystalTokenizer
 from .vocab import Vocab
@@ -220,17 +220,17 @@ class _Finisher:
         self.tokenizer = CrystalTokenizer(vocab)
         self.settings, self.out, self.index = settings, out, index
 
-    def __call__(self, batch: list[tuple[int, CrystalSequence, int]]) -> list[dict]:
+    def __call__(self, batch: list[Sample]) -> list[dict]:
         return [self.commit(*item) for item in self.prepare(batch)]
 
-    def prepare(self, batch: list[tuple[int, CrystalSequence, int]], forms: bool = False) -> list[tuple]:
+    def prepare(self, batch: list[Sample], forms: bool = False) -> list[tuple]:
         """Per sample: its summary row (no duplicate flag yet), and for a valid one its structure,
         spglib dataset and, with `forms`, its canonical form (else the index computes one only when
         the formula repeats); the structure file is written."""
         s = self.settings
         prepared = []
-        for index, seq, retries in batch:
-            r = finish_sample(self.tokenizer, index, seq, retries, s.sampling)
+        for sample in batch:
+            r = finish_sample(self.tokenizer, sample, s.sampling)
             file = write_structure(self.out, r, s.format)
             # The filter's spglib call serves the duplicate index too when both use one tolerance.
             known = r.symmetry if file and s.sampling.symprec == self.index.symprec else None
