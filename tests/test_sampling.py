@@ -434,7 +434,8 @@ def test_recommended_guidance_applies_to_an_asked_class_only(tmp_path):
 
 @pytest.mark.parametrize("dropout, init_from, refused", [
     (0.0, None, True), (0.15, None, False),
-    (0.0, "bundled", True),  # fine-tuned from the bundled model, which never learnt it either
+    (0.0, "bundled", False),  # fine-tuned from the bundled model, which learnt it
+    (0.0, "wyckoffgpt-mp-small", True),  # fine-tuned from the bundled alternative, which never learnt it either
     (0.0, "base-with-dropout", False),  # fine-tuned from a local model that learnt it
     (0.0, "someone/hub-model", False),  # a base that cannot be looked at: not refused
 ])

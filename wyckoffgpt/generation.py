@@ -38,7 +38,7 @@ from .vocab import STABILITY_TOKENS, Vocab, default_vocab
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # Name of the bundled default model under PRETRAINED_DIR; None: the only model folder there. Other
 # folders there are alternatives a user names (`--model NAME`).
-BUNDLED_MODEL: str | None = "wyckoffgpt-mp-small"
+BUNDLED_MODEL: str | None = "wyckoffgpt-mp-small-system"
 # Longest prompt: <bos>, stability, n:k, up to 8 elements, sg; then per site orbit, element and up
 # to 3 coordinates; then up to 6 lattice values and <eos>.
 _FIXED_TOKENS = 3 + 8 + 1 + 6 + 1
@@ -488,7 +488,7 @@ class CrystalGenerator:
 def learned_unknown(folder: Path, _depth: int = 0) -> bool | None:
     """Whether the model in `folder` was trained to read `ehull:unknown`: its training_summary.json
     records stability_dropout > 0, or it was fine-tuned without it from a model that was (followed
-    through the bundled model and local folders). False for a model trained from scratch without it,
+    through the bundled models and local folders). False for a model trained from scratch without it,
     or fine-tuned from one; None when the folder does not say (no summary, or a base model on the Hub
     or no longer where it was)."""
     try:
@@ -508,6 +508,8 @@ def learned_unknown(folder: Path, _depth: int = 0) -> bool | None:
         except InputError:
             return None
     base_folder = Path(base).expanduser()
+    if not base_folder.is_dir() and (PRETRAINED_DIR / base / "config.json").is_file():
+        base_folder = PRETRAINED_DIR / base  # a bundled model named as `--init-from NAME`
     return learned_unknown(base_folder, _depth + 1) if base_folder.is_dir() else None
 
 
