@@ -339,8 +339,8 @@ class CrystalGenerator:
                      complete_sites: bool = False, prompt: str | None = None, config: SamplingConfig | None = None,
                      batches: Iterable[int] | None = None, on_finished: Callable[[int], None] | None = None,
                      **overrides: Any) -> Iterator[list[Sample]]:
-        """The sampled sequences before decoding, one list of (index, sequence, retries) per batch
-        (the conditions, `config` and keyword overrides of its fields: see `generate`).
+        """The sampled sequences before decoding, one list of `Sample`s (index, sequence, retries,
+        template) per batch (the conditions, `config` and keyword overrides of its fields: see `generate`).
 
         Batch b holds indices b * batch_size onwards and draws from its own random stream
         (`batch_seed(seed, b)`), so any subset of the batches (`batches`: a resumed run, one
