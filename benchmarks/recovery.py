@@ -102,10 +102,12 @@ def run_system(job: tuple[str, int, str, list[tuple[str, Record]], int, int, dic
     samples = [r.structure for r in valid]
     structures = [parse_structure(rec) for _, rec in targets]
     matches = match_targets(samples, structures)
-    drawn = [r.structure for r in valid if "template" not in r.flags]
-    if len(drawn) < len(samples):  # --analogue-templates: which targets the model's own samples match
-        for m, own in zip(matches, match_targets(drawn, structures)):
-            m["matched_by_drawn"] = own["matched"]
+    # --analogue-templates: a target first matched by a template is matched again among the drawn samples.
+    by_template = [k for k, m in enumerate(matches) if m["matched"] and "template" in valid[m["first_sample"]].flags]
+    if by_template:
+        drawn = [r.structure for r in valid if "template" not in r.flags]
+        for k, own in zip(by_template, match_targets(drawn, [structures[k] for k in by_template])):
+            matches[k]["matched_by_drawn"] = own["matched"]
     return {"budget": budget, "system": system, "n": n, "valid": len(samples),
             "formulas_sampled": len({s.composition.reduced_formula for s in samples}),
             "sample_seconds": sample_seconds, "match_seconds": time.perf_counter() - t0 - sample_seconds,

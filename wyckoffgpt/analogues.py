@@ -144,14 +144,14 @@ def substituted_systems(elements: Sequence[str], k: int, vocab: Vocab, substitut
 
 
 def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: Limits | None = None,
-                    substitutions: int = 1) -> list[Analogue]:
+                    substitutions: int = 1, templates: bool = False) -> list[Analogue]:
     """The Wyckoff skeletons of the training crystals (`index`) of the systems made by replacing up to
     `substitutions` of `cond`'s elements by one of their k nearest (`substituted_systems`; `cond`
     names a chemical system, no formula), with the replacing elements put back, as conditions in the
     requested system: each distinct (space group, sites) once, those of the nearest replacements
-    first, then the most frequent, each with its template (`Analogue.template`: the first training
-    crystal of its nearest replacement, relabelled). Skeletons the grammar cannot sample within
-    `limits` are left out."""
+    first, then the most frequent; with `templates`, each with its template (`Analogue.template`: the
+    first training crystal of its nearest replacement, relabelled, which costs a decode and an encode
+    each). Skeletons the grammar cannot sample within `limits` are left out."""
     vocab = index.vocab
     # skeleton -> (nearness rank, crystals, the nearest crystal and its replacements)
     found: dict[tuple, tuple[int, int, int, dict[str, str]]] = {}
@@ -169,6 +169,9 @@ def known_skeletons(cond: Conditions, k: int, index: FingerprintIndex, limits: L
         try:
             check_conditions(vocab, skeleton, limits)
         except ValueError:
+            continue
+        if not templates:
+            out.append(Analogue(skeleton, None, None))
             continue
         template = _relabelled(index.tokenizer, index.sequence(entry), back, cond.stability)
         out.append(Analogue(skeleton, None, None, template, str(index.material_ids[entry])))

@@ -67,7 +67,7 @@ class Sample(NamedTuple):
     index: int  # its place in the run
     sequence: CrystalSequence
     retries: int  # how often the sampler sent it back
-    template: str | None = None  # the material id of the training crystal it copies (analogue_templates)
+    template_id: str | None = None  # the material id of the training crystal it copies (analogue_templates)
 
 
 @dataclass
@@ -149,6 +149,12 @@ def _load_vocab(folder: Path, vocab_hash: str) -> Vocab:
                      f"packaged one ({candidates[-1].hash})")
 
 
+def bundled_folder(name: str) -> Path | None:
+    """The folder of the model bundled with the package under this name; None if there is none."""
+    folder = PRETRAINED_DIR / name
+    return folder if "/" not in name and (folder / "config.json").is_file() else None
+
+
 def resolve_model_path(path_or_repo_id: str | Path | None) -> Path:
     if path_or_repo_id is None:
         found = sorted(p for p in PRETRAINED_DIR.glob("*/config.json")) if PRETRAINED_DIR.is_dir() else []
@@ -164,8 +170,8 @@ def resolve_model_path(path_or_repo_id: str | Path | None) -> Path:
             raise InputError(f"model path {path} is not a folder")
         return path
     text = str(path_or_repo_id)
-    if (PRETRAINED_DIR / text / "config.json").is_file() and "/" not in text:
-        return PRETRAINED_DIR / text  # a model bundled with the package, by name
+    if (bundled := bundled_folder(text)) is not None:
+        return bundled
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.endswith((".json", ".safetensors")):
         try:
             from huggingface_hub import snapshot_download
@@ -340,7 +346,7 @@ class CrystalGenerator:
                      batches: Iterable[int] | None = None, on_finished: Callable[[int], None] | None = None,
                      **overrides: Any) -> Iterator[list[Sample]]:
         """The sampled sequences before decoding, one list of `Sample`s (index, sequence, retries,
-        template) per batch (the conditions, `config` and keyword overrides of its fields: see `generate`).
+        template_id) per batch (the conditions, `config` and keyword overrides of its fields: see `generate`).
 
         Batch b holds indices b * batch_size onwards and draws from its own random stream
         (`batch_seed(seed, b)`), so any subset of the batches (`batches`: a resumed run, one
@@ -391,7 +397,7 @@ class CrystalGenerator:
                 raise InputError(f"{config.analogue_substitutions} analogue substitutions in a system of "
                                  f"{len(cond.elements)} elements")
             return known_skeletons(cond, config.analogues, self.training_index(), self.limits,
-                                   config.analogue_substitutions)
+                                   config.analogue_substitutions, templates=config.analogue_templates)
         found = analogue_conditions(cond, config.analogues, self.vocab)
         try:
             for a in found:
@@ -508,9 +514,9 @@ def learned_unknown(folder: Path, _depth: int = 0) -> bool | None:
         except InputError:
             return None
     base_folder = Path(base).expanduser()
-    if not base_folder.is_dir() and (PRETRAINED_DIR / base / "config.json").is_file():
-        base_folder = PRETRAINED_DIR / base  # a bundled model named as `--init-from NAME`
-    return learned_unknown(base_folder, _depth + 1) if base_folder.is_dir() else None
+    if not base_folder.is_dir():
+        base_folder = bundled_folder(base)  # a bundled model named as `--init-from NAME`, or None
+    return learned_unknown(base_folder, _depth + 1) if base_folder is not None else None
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -523,7 +529,7 @@ def finish_sample(tokenizer: CrystalTokenizer, sample: Sample, config: SamplingC
     and charge_check; needs no model: runs in any process)."""
     result = _result(tokenizer, sample.index, sample.sequence, config.temperature, config.min_distance, config.symprec)
     result.retries = sample.retries
-    if sample.template is not None:
+    if sample.template_id is not None:
         result.flags.append("template")
     if result.structure is not None and not passes_charge_check(result.structure.composition, config.charge_check):
         result.flags.append("not_charge_balanced")
