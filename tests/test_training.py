@@ -287,10 +287,11 @@ def test_epoch_batches_cover_each_sequence_once_and_group_lengths():
 
 
 def test_short_and_long_crystals_weigh_the_same_per_token(tmp_path):
-    """Half the sequences are short and start with token 3, half are long and start with 4. Training
-    groups sequences of similar length into a step; if each step were averaged over its own tokens,
-    a short sequence's tokens would weigh more and the model would learn to start with 3 more often
-    than the data do."""
+    """Half the sequences are short and start with token 3, half are long and start with 4. If a
+    short sequence's tokens weighed more than a long one's (a loss averaged per sequence, or per
+    length-grouped step), the model would learn to start with 3 more often than the data do. The
+    tolerance is the spread of this 120-step tiny run over thread counts (0.50-0.55 on 1 or 2 CPU
+    threads); length-bucketed steps, the old default, reach 0.92."""
     from synthetic_data import ANGLES, COORDS, LENGTHS
 
     from wyckoffgpt import WyckoffGPTModel
@@ -309,7 +310,7 @@ def test_short_and_long_crystals_weigh_the_same_per_token(tmp_path):
     model = WyckoffGPTModel.from_pretrained(tmp_path / "run")
     with torch.no_grad():
         p = torch.softmax(model(torch.tensor([[BOS]])).logits[0, -1], -1)
-    assert float(p[3] / (p[3] + p[4])) == pytest.approx(0.5, abs=0.05)
+    assert float(p[3] / (p[3] + p[4])) == pytest.approx(0.5, abs=0.1)
 
 
 # -- the loss record ------------------------------------------------------------------------------
