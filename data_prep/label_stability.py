@@ -2,7 +2,7 @@
 labelled `ehull:low|high` by the stability funnel.
 
     python data_prep/label_stability.py --data DIR --out DIR2 --log labels.jsonl
-                                            [--source substitution|samples] [--model M] [--intermetallic]
+                                            [--source substitution|samples|log] [--model M] [--intermetallic]
                                             [--systems 150] [--per-system 4] [--max-atoms 12]
                                             [--relax-steps 300] [--repeat 2] [--workers K] [--seed 0]
 
@@ -24,9 +24,10 @@ is counted by reason.
 
 DIR2 is DIR with the relaxed, re-tokenized crystals appended to its train split, `--repeat` times
 each; val and test are DIR's. In meta.json their material ids are `subst:<system>:<source id>` or
-`sample:<system>:<class asked>:<index>`, and `model_labelled` lists each labelling round's recipe
+`sample:<system>:<class asked>:<seed>-<index>`, and `model_labelled` lists each labelling round's recipe
 and counts (DIR may itself be labelled). Every finished relaxation is appended to the --log (JSONL),
-so a killed run resumes. Needs the `relax` extra (CHGNet).
+so a killed run resumes; `--source log` relaxes nothing and adds every label of the --log whose
+system is a train system of DIR. Needs the `relax` extra (CHGNet), except with `--source log`.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def plan(data: Path, n_systems: int, per_system: int, max_atoms: int, seed: int,
     dataset = SequenceDataset(data, "train")
     ids = load_meta(data)["material_ids"]["train"]
     rng = np.random.default_rng(seed)
-    targets = pick_targets(data, n_systems, rng, intermetallic)
+    targets = pick_targets(systems, n_systems, rng, intermetallic)
     sources = [i for i, s in enumerate(systems) if s.count("-") == 2]
     jobs = []
     for target in targets:
@@ -115,9 +116,10 @@ def is_intermetallic(system: str) -> bool:
     return all(Element(el).is_metal or Element(el).is_metalloid for el in system.split("-"))
 
 
-def pick_targets(data: Path, n_systems: int, rng: np.random.Generator, intermetallic: bool) -> list[str]:
-    """`n_systems` ternaries of the train split (never a val or test system), at random."""
-    ternaries = sorted({s for s in split_systems(data, "train") if s.count("-") == 2})
+def pick_targets(train_systems: list[str], n_systems: int, rng: np.random.Generator,
+                 intermetallic: bool) -> list[str]:
+    """`n_systems` ternaries of the train split's systems (never a val or test system), at random."""
+    ternaries = sorted({s for s in train_systems if s.count("-") == 2})
     if intermetallic:
         ternaries = [s for s in ternaries if is_intermetallic(s)]
     return [ternaries[i] for i in rng.permutation(len(ternaries))[:n_systems]]
@@ -133,7 +135,7 @@ def plan_samples(data: Path, model: str | None, n_systems: int, per_system: int,
     generator = CrystalGenerator.from_pretrained(model)
     rng = np.random.default_rng(seed)
     jobs = []
-    for t, target in enumerate(pick_targets(data, n_systems, rng, intermetallic)):
+    for t, target in enumerate(pick_targets(split_systems(data, "train"), n_systems, rng, intermetallic)):
         for c, ehull in enumerate(("low", "high")):
             n = per_system // 2 + (per_system % 2 if c == 0 else 0)
             if n == 0:
@@ -253,16 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="dataset folder (data_prep/prepare.py)")
     p.add_argument("--out", type=Path, required=True, help="new dataset folder")
     p.add_argument("--log", type=Path, required=True, help="JSONL of finished relaxations (resumed)")
-    p.add_argument("--model", help="model folder whose fingerprints.npz names the training crystals "
-                                   "(default: the bundled model)")
+    p.add_argument("--model", help="model folder that draws the samples (--source samples) and whose "
+                                   "fingerprints.npz names the training crystals (default: the bundled model)")
     p.add_argument("--source", choices=("substitution", "samples", "log"), default="substitution",
                    help="what is labelled: substituted train crystals, the --model's own samples, or "
                         "nothing new (every labelled crystal of --log joins train)")
     p.add_argument("--intermetallic", action="store_true",
                    help="target only train ternaries of metals and metalloids")
-    p.add_argument("--systems", type=int, default=150, help="train ternaries to substitute into")
-    p.add_argument("--per-system", type=int, default=4, help="source structures per target system")
-    p.add_argument("--max-atoms", type=int, default=12, help="largest source cell, atoms (relaxation cost)")
+    p.add_argument("--systems", type=int, default=150, help="train ternaries to label crystals in")
+    p.add_argument("--per-system", type=int, default=4, help="crystals per system: sources to substitute, "
+                                                              "or samples (half low, half high)")
+    p.add_argument("--max-atoms", type=int, default=12, help="largest cell relaxed, atoms (relaxation cost)")
     p.add_argument("--relax-steps", type=int, default=300, help="FIRE steps at most per relaxation")
     p.add_argument("--repeat", type=int, default=2, help="copies of each labelled sequence in train")
     p.add_argument("--workers", type=int, help="relaxation processes (default: all cores)")
@@ -280,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.data}/meta.json has no stability_threshold; rebuild it with prepare.py")
         if args.source == "log" and not args.log.is_file():
             raise InputError(f"--log {args.log} does not exist")
-        if args.source != "log":
+        if args.source != "log":  # only new labels need CHGNet and the training crystals' index
             stability.chgnet_version()
-        fingerprints = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
+            fingerprints = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
     except (InputError, stability.RelaxUnavailable, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

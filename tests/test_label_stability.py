@@ -95,7 +95,7 @@ def test_model_samples_are_planned_in_train_intermetallics_under_both_classes(da
     train = {s for s in split_systems(dataset, "train") if s.count("-") == 2}
     counts = Counter()
     jobs = label_stability.plan_samples(dataset, None, 2, 4, max_atoms=16, seed=0, counts=counts,
-                                            intermetallic=True)
+                                        intermetallic=True)
     assert jobs and len(jobs) + sum(counts.values()) == 2 * 4  # every sample planned or counted as skipped
     for key, structure in jobs:
         _, system, ehull, _ = key.split(":")
@@ -103,7 +103,7 @@ def test_model_samples_are_planned_in_train_intermetallics_under_both_classes(da
         assert "-".join(sorted(el.symbol for el in structure.composition.elements)) == system
         assert len(structure) <= 16
     again = label_stability.plan_samples(dataset, None, 2, 4, max_atoms=16, seed=0, counts=Counter(),
-                                             intermetallic=True)
+                                         intermetallic=True)
     assert [k for k, _ in again] == [k for k, _ in jobs]  # seeded: a resumed run plans the same jobs
 
 
