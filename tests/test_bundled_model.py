@@ -101,3 +101,24 @@ def test_plain_transformers_loads_the_bundled_folder_without_this_package(tmp_pa
     with torch.no_grad():
         logits = model(ids, composition=comp).logits[0, -1, :8]
     torch.testing.assert_close(torch.tensor(remote["logits"]), logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in PRETRAINED_DIR.glob("*/config.json")))
+def test_bundled_folder_recommends_only_settings_it_can_sample_with(name):
+    # A folder's sampling_config.json is what `--model NAME --ehull low` uses without further flags:
+    # guidance against ehull:unknown only where the model learnt that token, and a guided draw that
+    # keeps the asked chemical system.
+    gen = CrystalGenerator.from_pretrained(name)
+    recommended = gen.sampling_defaults
+    if recommended.guided and recommended.guidance_contrast == "unknown":
+        assert gen.learned_unknown is True
+    crystals = gen.generate(4, elements=["Al", "Ca", "Cu"], ehull="low", temperature=1.0, seed=0)
+    assert crystals and all({el.symbol for el in c.structure.composition.elements} == {"Al", "Ca", "Cu"}
+                            for c in crystals if c.structure is not None)
+
+
+def test_stability_model_recommends_guidance_against_unknown():
+    # Its card's conditioning table was measured at this setting; the default model recommends none.
+    recommended = CrystalGenerator.from_pretrained("wyckoffgpt-mp-small-stability").sampling_defaults
+    assert (recommended.guidance, recommended.guidance_contrast) == (6.0, "unknown")
+    assert not CrystalGenerator.from_pretrained().sampling_defaults.guided
