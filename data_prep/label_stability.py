@@ -151,28 +151,18 @@ def plan_samples(data: Path, model: str | None, n_systems: int, per_system: int,
     return jobs
 
 
-def label(result: stability.StabilityResult, refs: stability.ElementalReferences,
-          config: stability.RelaxConfig) -> tuple[float | None, str]:
-    """(e_above_hull, "") of a converged, connected relaxation, else (None, the reason)."""
-    if result.status != "relaxed" or result.energy_per_atom is None:
-        return None, result.status
-    if not stability.is_connected(result.structure, config.bond_factor):
-        return None, "disconnected"
-    e_form = refs.formation_energy_per_atom(result.structure, result.energy_per_atom, config.corrections)
-    if not math.isfinite(e_form):
-        return None, "error"
-    return refs.hull.e_above_hull(result.structure.composition, e_form), ""
-
-
 def relax_and_log(jobs: list[tuple[str, Structure]], log: Path, relax_steps: int, workers: int | None,
                   tokenizer: CrystalTokenizer, fingerprints: FingerprintIndex) -> None:
     config = stability.RelaxConfig(max_steps=relax_steps)
     refs = stability.default_references(config=config)
     t0 = time.perf_counter()
     with log.open("a") as f:
-        for done, (i, r) in enumerate(stability.iter_relax([s for _, s in jobs], config, workers), 1):
+        # iter_assess labels only converged, connected relaxations ("relaxed"): the others keep their
+        # status as the reason; a relaxed one without a finite formation energy is an "error".
+        for done, (i, r) in enumerate(stability.iter_assess([s for _, s in jobs], refs, config, workers), 1):
             key = jobs[i][0]
-            e_hull, reason = label(r, refs, config)
+            e_hull = r.e_above_hull
+            reason = "" if e_hull is not None else r.status if r.status != "relaxed" else "error"
             sequence = None
             if e_hull is not None:
                 try:
