@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    dest="guidance_contrast",
                    help="--guidance: the contrast sequence's stability token (default: the model's, else "
                         f"{default.guidance_contrast}: the other class; 'unknown': ehull:unknown, for models trained "
-                        "with stability_dropout)")
+                        "with stability_dropout; 'unknown-for-low': ehull:unknown for low, ehull:low for high)")
     p.add_argument("--analogues", type=int, default=None, metavar="K",
                    help="with --elements or --formula: draw --analogue-share of the samples in the systems made by "
                         "replacing one element with one of its K nearest in Mendeleev number, then substitute "

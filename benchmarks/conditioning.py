@@ -2,12 +2,13 @@
 
     python benchmarks/conditioning.py [--model DIR] [--systems Al-Ca-Cu Ce-In-Pd Li-Co-O Sr-Ti-O]
                                       [-n 50] [--temperature 1.0] [--guidance W ...]
-                                      [--guidance-contrast opposite|unknown] [--no-unconditioned] [--seed 0]
+                                      [--guidance-contrast opposite|unknown|unknown-for-low] [--no-unconditioned] [--seed 0 ...]
                                       [--workers 2] [--log conditioning.jsonl] [--out conditioning.json]
 
     python benchmarks/conditioning.py --systems Al-Ca-Cu -n 20 --guidance 1 3   # off, and guidance 3
     python benchmarks/conditioning.py -n 20 --guidance 1 2 4 --guidance-contrast unknown   # a model trained with
                                                                                    # stability_dropout
+    python benchmarks/conditioning.py --systems Al-Ca-Cu -n 24 --seed 0 1 2   # three draws of 24, pooled
 The default is the model's recommended guidance (its sampling_config.json): what generate.py does.
 
 For each chemical system, n samples per stability class (`low`, `high`, and `none`: the model picks
@@ -25,7 +26,7 @@ import argparse
 import screening
 
 from wyckoffgpt.generation import resolve_model_path
-from wyckoffgpt.sampling import GUIDANCE_CONTRASTS, SamplingConfig
+from wyckoffgpt.sampling import GUIDANCE_CONTRASTS, SamplingConfig, contrast_of
 
 # The main command's system (no ternary of it in data/) and three ternaries of the test split of
 # `prepare.py --split system --seed 0`, which the bundled model never saw: an intermetallic, a
@@ -34,9 +35,12 @@ SYSTEMS = ("Al-Ca-Cu", "Ce-In-Pd", "Li-Co-O", "Sr-Ti-O")
 
 
 def arm_name(system: str, ehull: str, w: float, contrast: str = "opposite") -> str:
-    # The contrast is in the name so that a log of one contrast never resumes a run of the other.
+    # The class's own contrast is in the name so that a log of one contrast never resumes a run of
+    # another, and an arm drawn alike under two settings ("unknown-for-low"'s low arm is "unknown"'s)
+    # is relaxed once.
     if w == 1:
         return f"{system}/{ehull}"
+    contrast = contrast_of(contrast, ehull) if ehull in ("low", "high") else contrast
     return f"{system}/{ehull}/w{w:g}" + ("" if contrast == "opposite" else f"-vs-{contrast}")
 
 

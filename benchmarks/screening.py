@@ -56,16 +56,20 @@ BLOCK = 12
 
 
 def draw(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, temperature: float,
-         seed: int) -> dict[str, list[GeneratedCrystal]]:
-    """n seeded samples per condition (the same seed for every condition, so a rerun redraws them);
-    the first k are the same for every n >= k."""
+         seed: int | Sequence[int]) -> dict[str, list[GeneratedCrystal]]:
+    """n seeded samples per condition and seed (the same seeds for every condition, so a rerun redraws
+    them); the first k of a seed are the same for every n >= k. Several seeds are independent draws
+    pooled: seed j's samples are indices j*n to (j+1)*n - 1 of each condition."""
+    seeds = [seed] if isinstance(seed, int) else list(seed)
     whole_blocks = -(-n // BLOCK) * BLOCK  # a batch's draws depend on its size: only whole ones repeat
     out = {}
     for c in conditions:
         extra = {} if c.guidance is None else {"guidance": c.guidance}
         extra |= {} if c.guidance_contrast is None else {"guidance_contrast": c.guidance_contrast}
-        out[c.name] = gen.generate(whole_blocks, elements=list(c.elements) if c.elements else None, ehull=c.ehull,
-                                   temperature=temperature, seed=seed, batch_size=BLOCK, **extra)[:n]
+        out[c.name] = [sample for s in seeds
+                       for sample in gen.generate(whole_blocks, elements=list(c.elements) if c.elements else None,
+                                                  ehull=c.ehull, temperature=temperature, seed=s,
+                                                  batch_size=BLOCK, **extra)[:n]]
     return out
 
 
@@ -152,7 +156,7 @@ def summarise(name: str, samples: list[GeneratedCrystal], records: dict[tuple[st
     return out
 
 
-def run(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, temperature: float, seed: int,
+def run(gen: CrystalGenerator, conditions: Sequence[Condition], n: int, temperature: float, seed: int | Sequence[int],
         refs: stability.ElementalReferences, config: stability.RelaxConfig, workers: int, log: Path | None,
         index: FingerprintIndex | None, report_only: bool = False) -> dict:
     """Draw, relax (resumably) and summarise every condition: {"k": ..., "conditions": {name: figures}}.
@@ -204,7 +208,8 @@ def add_arguments(p: argparse.ArgumentParser, n: int, n_help: str) -> None:
     p.add_argument("--model", help="model folder or Hub repo id (default: the bundled model)")
     p.add_argument("-n", type=int, default=n, help=n_help)
     p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="sampling seed; several: independent draws of -n each, pooled (one --log holds them all)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--fmax", type=float, default=0.1)
     p.add_argument("--max-steps", type=int, default=300)
@@ -228,7 +233,8 @@ def run_from_args(args: argparse.Namespace, benchmark: str, conditions: Sequence
     config = stability.RelaxConfig(fmax=args.fmax, max_steps=args.max_steps)
     refs = stability.default_references(args.data, config)
     report = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "model": str(resolve_model_path(args.model)),
-              **settings, "n_asked": args.n, "temperature": args.temperature, "seed": args.seed, "fmax": args.fmax,
+              **settings, "n_asked": args.n, "temperature": args.temperature,
+              "seed": args.seed[0] if len(args.seed) == 1 else args.seed, "fmax": args.fmax,
               "max_steps": args.max_steps, "workers": args.workers, "chgnet": stability.chgnet_version(),
               **run(gen, conditions, args.n, args.temperature, args.seed, refs, config, args.workers, args.log,
                     index, args.report_only)}

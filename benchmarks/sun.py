@@ -1,7 +1,7 @@
 """S.U.N. rate of a model: the share of samples that are Stable, Unique and Novel.
 
     python benchmarks/sun.py [--model DIR] [-n 200] [--temperature 1.0] [--conditions none low high]
-                             [--seed 0] [--workers 2] [--log sun.jsonl] [--out sun.json]
+                             [--seed 0 ...] [--workers 2] [--log sun.jsonl] [--out sun.json]
 
 For each stability condition (`none`: unconditional, `low`/`high`: --ehull), n samples of any
 chemistry are drawn (generator defaults: clash retries, ionic charge check), the valid ones relaxed

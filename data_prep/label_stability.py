@@ -3,13 +3,15 @@ labelled `ehull:low|high` by the stability funnel.
 
     python data_prep/label_stability.py --data DIR --out DIR2 --log labels.jsonl
                                             [--source substitution|samples|log] [--model M] [--intermetallic]
-                                            [--systems 150] [--per-system 4] [--max-atoms 12]
+                                            [--systems 150 | --targets Al-Ca-Ag ...] [--per-system 4] [--max-atoms 12]
                                             [--relax-steps 300] [--repeat 2] [--workers K] [--seed 0]
 
 Why: 92 % of the data's rows are `ehull:low`, and the high ones are mostly other chemistries, so the
 stability token learns which systems are stable, not which crystals of one system are. Here each of
 `--systems` ternary systems of the dataset's train split (never a val or test system; with
-`--intermetallic` only those of metals and metalloids) receives `--per-system` crystals:
+`--intermetallic` only those of metals and metalloids), or each system named by `--targets` (train
+ternaries chosen by hand, e.g. the analogues of a system the model misjudges), receives `--per-system`
+crystals:
 - `--source substitution`: structure types of other train ternaries, the source's elements replaced,
   in order of electronegativity, by the target's (cation for cation, anion for anion), the cell scaled
   by the atoms' volumes;
@@ -81,14 +83,16 @@ def substitute(structure: Structure, target: list[str]) -> Structure:
 
 
 def plan(data: Path, n_systems: int, per_system: int, max_atoms: int, seed: int,
-         counts: Counter, intermetallic: bool = False) -> list[tuple[str, Structure]]:
-    """(key, substituted structure) for `per_system` sources in each of `n_systems` train ternaries."""
+         counts: Counter, intermetallic: bool = False,
+         targets: list[str] | None = None) -> list[tuple[str, Structure]]:
+    """(key, substituted structure) for `per_system` sources in each of `n_systems` train ternaries
+    (or in each of `targets`)."""
     systems = split_systems(data, "train")
     tokenizer = CrystalTokenizer()
     dataset = SequenceDataset(data, "train")
     ids = load_meta(data)["material_ids"]["train"]
     rng = np.random.default_rng(seed)
-    targets = pick_targets(systems, n_systems, rng, intermetallic)
+    targets = pick_targets(systems, n_systems, rng, intermetallic, targets)
     sources = [i for i, s in enumerate(systems) if s.count("-") == 2]
     jobs = []
     for target in targets:
@@ -117,25 +121,33 @@ def is_intermetallic(system: str) -> bool:
 
 
 def pick_targets(train_systems: list[str], n_systems: int, rng: np.random.Generator,
-                 intermetallic: bool) -> list[str]:
-    """`n_systems` ternaries of the train split's systems (never a val or test system), at random."""
+                 intermetallic: bool, targets: list[str] | None = None) -> list[str]:
+    """`n_systems` ternaries of the train split's systems (never a val or test system), at random;
+    or `targets`, each checked to be a train ternary (InputError naming the first that is not)."""
     ternaries = sorted({s for s in train_systems if s.count("-") == 2})
+    if targets:
+        named = ["-".join(sorted(t.split("-"))) for t in targets]
+        for given, system in zip(targets, named):
+            if system not in ternaries:
+                raise InputError(f"--targets {given}: not a ternary system of the dataset's train split")
+        return list(dict.fromkeys(named))
     if intermetallic:
         ternaries = [s for s in ternaries if is_intermetallic(s)]
     return [ternaries[i] for i in rng.permutation(len(ternaries))[:n_systems]]
 
 
 def plan_samples(data: Path, model: str | None, n_systems: int, per_system: int, max_atoms: int, seed: int,
-                 counts: Counter, intermetallic: bool = False) -> list[tuple[str, Structure]]:
-    """(key, structure) for the model's own valid samples in `n_systems` train ternaries, `per_system`
-    each, half asked `ehull:low` and half `high`: labelling what the model itself draws under each
+                 counts: Counter, intermetallic: bool = False,
+                 targets: list[str] | None = None) -> list[tuple[str, Structure]]:
+    """(key, structure) for the model's own valid samples in `n_systems` train ternaries (or in each of
+    `targets`), `per_system` each, half asked `ehull:low` and half `high`: labelling what the model itself draws under each
     class teaches the token the model's own mistakes within a system."""
     from wyckoffgpt.generation import CrystalGenerator
 
     generator = CrystalGenerator.from_pretrained(model)
     rng = np.random.default_rng(seed)
     jobs = []
-    for t, target in enumerate(pick_targets(split_systems(data, "train"), n_systems, rng, intermetallic)):
+    for t, target in enumerate(pick_targets(split_systems(data, "train"), n_systems, rng, intermetallic, targets)):
         for c, ehull in enumerate(("low", "high")):
             n = per_system // 2 + (per_system % 2 if c == 0 else 0)
             if n == 0:
@@ -219,9 +231,10 @@ def label_new(args: argparse.Namespace, threshold: float, fingerprints: Fingerpr
     """Plan this run's crystals, relax and label those the --log does not hold yet; their records."""
     if args.source == "samples":
         jobs = plan_samples(args.data, args.model, args.systems, args.per_system, args.max_atoms, args.seed,
-                            counts, args.intermetallic)
+                            counts, args.intermetallic, args.targets)
     else:
-        jobs = plan(args.data, args.systems, args.per_system, args.max_atoms, args.seed, counts, args.intermetallic)
+        jobs = plan(args.data, args.systems, args.per_system, args.max_atoms, args.seed, counts, args.intermetallic,
+                    args.targets)
     done = read_log(args.log)
     tokenizer = CrystalTokenizer(stability_threshold=threshold)
     relax_and_log([j for j in jobs if j[0] not in done], args.log, args.relax_steps, args.workers,
@@ -252,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                         "nothing new (every labelled crystal of --log joins train)")
     p.add_argument("--intermetallic", action="store_true",
                    help="target only train ternaries of metals and metalloids")
-    p.add_argument("--systems", type=int, default=150, help="train ternaries to label crystals in")
+    p.add_argument("--systems", type=int, default=150, help="train ternaries to label crystals in, at random")
+    p.add_argument("--targets", nargs="+", metavar="SYSTEM",
+                   help="label in these train ternaries instead (elements joined by '-', e.g. Ag-Al-Ca)")
     p.add_argument("--per-system", type=int, default=4, help="crystals per system: sources to substitute, "
                                                               "or samples (half low, half high)")
     p.add_argument("--max-atoms", type=int, default=12, help="largest cell relaxed, atoms (relaxation cost)")
@@ -273,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.data}/meta.json has no stability_threshold; rebuild it with prepare.py")
         if args.source == "log" and not args.log.is_file():
             raise InputError(f"--log {args.log} does not exist")
+        if args.targets and args.source == "log":
+            raise InputError("--targets chooses where new crystals are labelled; --source log labels none")
+        if args.targets:  # checked before any model loads or relaxation starts
+            args.targets = pick_targets(split_systems(args.data, "train"), 0, np.random.default_rng(0), False,
+                                        args.targets)
         if args.source != "log":  # only new labels need CHGNet and the training crystals' index
             stability.chgnet_version()
             fingerprints = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
@@ -287,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         records = label_new(args, meta["stability_threshold"], fingerprints, counts)
         recipe = {"source": "element substitution" if args.source == "substitution" else "model samples",
-                  "intermetallic": args.intermetallic, "systems": args.systems, "per_system": args.per_system,
+                  "intermetallic": args.intermetallic, "systems": args.targets or args.systems, "per_system": args.per_system,
                   "max_atoms": args.max_atoms, "relax_steps": args.relax_steps, "seed": args.seed,
                   "labeller": stability.chgnet_version()}
     counts.update(r["skipped"] or "labelled" for r in records.values())

@@ -376,3 +376,17 @@ def test_a_larger_n_extends_a_screening_draw_so_a_finished_log_resumes(generator
     # Relaxing is the costly part: growing -n must keep the samples already relaxed.
     assert len(large) == 2 * screening.BLOCK + 1
     assert [str(s.sequence) for s in large[:k]] == [str(s.sequence) for s in small]
+
+
+def test_several_seeds_pool_independent_draws_in_order(generator, monkeypatch):
+    from scripts import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    screening = importlib.import_module("screening")
+    arm = [screening.Condition("Al-Ca-Cu/low", ("Al", "Ca", "Cu"), "low")]
+    n = 3
+    pooled = screening.draw(generator, arm, n, 1.0, [0, 1])["Al-Ca-Cu/low"]
+    alone = [screening.draw(generator, arm, n, 1.0, s)["Al-Ca-Cu/low"] for s in (0, 1)]
+    # `--seed 0 1` is the runs `--seed 0` and `--seed 1` side by side: their relaxations can be pooled.
+    assert [str(s.sequence) for s in pooled] == [str(s.sequence) for s in alone[0] + alone[1]]
+    assert [str(s.sequence) for s in alone[0]] != [str(s.sequence) for s in alone[1]]

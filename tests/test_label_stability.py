@@ -52,6 +52,21 @@ def test_targets_are_train_ternaries_and_sources_other_systems(dataset):
     assert [k for k, _ in again] == [k for k, _ in jobs]  # seeded: a resumed run plans the same jobs
 
 
+def test_named_targets_are_labelled_and_a_held_out_one_is_refused(dataset, tmp_path, capsys):
+    train = sorted(s for s in split_systems(dataset, "train") if s.count("-") == 2)
+    chosen = train[:2]
+    given = ["-".join(reversed(chosen[0].split("-"))), chosen[1]]  # element order does not matter
+    jobs = label_stability.plan(dataset, 1000, 2, max_atoms=40, seed=0, counts=Counter(), targets=given)
+    assert jobs and {key.split(":")[1] for key, _ in jobs} <= set(chosen)
+    # A held-out system would leak its own labels into training: one line, exit 2, before any relaxation.
+    held_out = next(s for s in split_systems(dataset, "test") if s.count("-") == 2)
+    code = label_stability.main(["--data", str(dataset), "--out", str(tmp_path / "o"), "--log",
+                                 str(tmp_path / "l.jsonl"), "--targets", chosen[0], held_out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and held_out in err[0] and "train split" in err[0]
+    assert not (tmp_path / "l.jsonl").exists()
+
+
 def records_of(structures, tokenizer, e_hulls):
     """Log records as label_stability writes them (a skipped one has no sequence)."""
     return {f"subst:x:{i}": {"key": f"subst:x:{i}", "e_above_hull": e, "skipped": None if e is not None else "x",

@@ -411,6 +411,24 @@ def test_guided_logits_are_contrast_plus_w_times_the_difference(generator, contr
     assert not torch.allclose(cond, alt)  # the stability token matters to this (random) model
 
 
+@pytest.mark.parametrize("ehull, same_as", [("ehull:low", "unknown"), ("ehull:high", "opposite")])
+def test_unknown_for_low_draws_low_as_against_unknown_and_high_as_against_low(generator, ehull, same_as):
+    from wyckoffgpt.sampling import Sampler, contrast_token_map
+
+    ids = {t: VOCAB.tokens.index(t) for t in ("ehull:low", "ehull:high", "ehull:unknown")}
+    assert contrast_token_map(VOCAB, "unknown-for-low") == {ids["ehull:low"]: ids["ehull:unknown"],
+                                                           ids["ehull:high"]: ids["ehull:low"]}
+
+    def draw(contrast):
+        parsers = [SequenceParser(VOCAB, Limits(6, 40), Conditions(ehull)) for _ in range(6)]
+        sampler = Sampler(generator.model, guidance=3.0, guidance_contrast=contrast, charge_check="off")
+        return [ids.tolist() for ids in sampler.sample(parsers, generator=torch.Generator().manual_seed(3)).ids]
+
+    # The stability model's recommended setting: its `low` samples are exactly those measured against
+    # ehull:unknown, its `high` ones those measured against the other class.
+    assert draw("unknown-for-low") == draw(same_as)
+
+
 def test_recommended_guidance_applies_to_an_asked_class_only(tmp_path):
     from wyckoffgpt import CrystalGenerator
     from wyckoffgpt.sampling import SamplingConfig
@@ -459,6 +477,8 @@ def test_guidance_against_unknown_is_refused_for_a_model_that_never_learnt_that_
     if refused:  # neither it nor its base learnt stability_dropout: `unknown` means nothing to it
         with pytest.raises(InputError, match="stability_dropout"):
             gen.generate(2, **guided)
+        with pytest.raises(InputError, match="stability_dropout"):  # its low arm is guided against unknown
+            gen.generate(2, **guided | {"guidance_contrast": "unknown-for-low"})
     else:  # trained with it, fine-tuned from a model that was, or from one that cannot be looked at
         assert len(gen.generate(2, **guided)) == 2
     # Without an asked class guidance does not apply, so there is nothing to refuse.

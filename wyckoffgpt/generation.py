@@ -370,7 +370,7 @@ class CrystalGenerator:
         where it cannot work (against `ehull:unknown` with a model that never learnt that token)."""
         if config.guided and not self._asks_guided_class(cond, prefix, config):
             return config.replace(guidance=1.0)  # guidance sharpens a class asked for, not a drawn one
-        if config.guided and config.guidance_contrast == "unknown" and self.learned_unknown is False:
+        if config.guided and config.guidance_contrast != "opposite" and self.learned_unknown is False:
             raise InputError("guidance against ehull:unknown needs a model trained with stability_dropout; this "
                              "one never saw that token (use --guidance-contrast opposite, or such a model)")
         return config

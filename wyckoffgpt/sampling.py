@@ -63,7 +63,7 @@ from .structure_io import InputError
 from .vocab import STABILITY_TOKENS, Vocab
 
 VALUE_REDRAWS = 4
-GUIDANCE_CONTRASTS = ("opposite", "unknown")
+GUIDANCE_CONTRASTS = ("opposite", "unknown", "unknown-for-low")
 ANALOGUE_SOURCES = ("sampled", "known")
 GEOMETRY_REDRAWS = 8
 
@@ -130,10 +130,14 @@ class SamplingConfig:
         class of their stability token, at twice the model cost. `CrystalGenerator` applies it only
         to a class the request fixes (ehull, or low/high in a prompt), so that unconditional
         samples stay the model's own distribution; `Sampler` to whatever class a row holds.
-    guidance_contrast: "opposite" | "unknown". The stability token of the contrast sequence:
-        "opposite" (default) the other class (ehull:high for low and back), which any model knows;
-        "unknown": ehull:unknown, the unconditional model of a model trained with
-        `stability_dropout` > 0 (textbook classifier-free guidance).
+    guidance_contrast: "opposite" | "unknown" | "unknown-for-low". The stability token of the
+        contrast sequence: "opposite" (default) the other class (ehull:high for low and back), which
+        any model knows; "unknown": ehull:unknown, the unconditional model of a model trained with
+        `stability_dropout` > 0 (textbook classifier-free guidance); "unknown-for-low": ehull:unknown
+        for a low sequence and ehull:low for a high one, so `low` is drawn as with "unknown" while
+        `high` is pushed away from what the model draws as stable (against ehull:high, `low` drifts to
+        large cells; against unknown, `high` stays near the hull: BENCHMARKS.md, stability
+        conditioning). `contrast_of` gives a class's contrast.
     analogues: k >= 0, an integer. With a chemical system (or formula) requested, a share of the
         samples (`analogue_share`) is drawn in the systems made by replacing one of its elements
         with one of that element's k nearest in Mendeleev number, and the elements are substituted
@@ -291,13 +295,21 @@ def check_num_samples(n: object) -> None:
         raise InputError(f"number of samples must be a positive integer, got {n}")
 
 
+def contrast_of(contrast: str, ehull: str) -> str:
+    """"opposite" or "unknown": what guidance with `contrast` (SamplingConfig.guidance_contrast)
+    contrasts a sequence of stability class `ehull` ("low" | "high") with."""
+    if contrast == "unknown-for-low":
+        return "unknown" if ehull == "low" else "opposite"
+    return contrast
+
+
 def contrast_token_map(vocab: Vocab, contrast: str) -> dict[int, int]:
     """Stability token id -> the contrast sequence's stability token id (see SamplingConfig.guidance)."""
     ids = vocab.token_to_id
-    low, high, unknown = (ids[STABILITY_TOKENS[k]] for k in ("low", "high", None))
-    if contrast == "opposite":
-        return {low: high, high: low}
-    return {low: unknown, high: unknown}
+    token = {c: ids[STABILITY_TOKENS[c]] for c in ("low", "high")}
+    unknown = ids[STABILITY_TOKENS[None]]
+    opposite = {"low": "high", "high": "low"}
+    return {token[c]: unknown if contrast_of(contrast, c) == "unknown" else token[opposite[c]] for c in token}
 
 
 @dataclass
