@@ -110,15 +110,15 @@ def test_bundled_folder_recommends_only_settings_it_can_sample_with(name):
     # keeps the asked chemical system.
     gen = CrystalGenerator.from_pretrained(name)
     recommended = gen.sampling_defaults
-    if recommended.guided and recommended.guidance_contrast == "unknown":
+    if recommended.guided and recommended.guidance_contrast != "opposite":
         assert gen.learned_unknown is True
     crystals = gen.generate(4, elements=["Al", "Ca", "Cu"], ehull="low", temperature=1.0, seed=0)
     assert crystals and all({el.symbol for el in c.structure.composition.elements} == {"Al", "Ca", "Cu"}
                             for c in crystals if c.structure is not None)
 
 
-def test_stability_model_recommends_guidance_against_unknown():
+def test_stability_model_recommends_low_against_unknown_and_high_against_low():
     # Its card's conditioning table was measured at this setting; the default model recommends none.
     recommended = CrystalGenerator.from_pretrained("wyckoffgpt-mp-small-stability").sampling_defaults
-    assert (recommended.guidance, recommended.guidance_contrast) == (6.0, "unknown")
+    assert (recommended.guidance, recommended.guidance_contrast) == (6.0, "unknown-for-low")
     assert not CrystalGenerator.from_pretrained().sampling_defaults.guided
