@@ -140,8 +140,8 @@ def plan_samples(data: Path, model: str | None, n_systems: int, per_system: int,
                  counts: Counter, intermetallic: bool = False,
                  targets: list[str] | None = None) -> list[tuple[str, Structure]]:
     """(key, structure) for the model's own valid samples in `n_systems` train ternaries (or in each of
-    `targets`), `per_system` each, half asked `ehull:low` and half `high`: labelling what the model itself draws under each
-    class teaches the token the model's own mistakes within a system."""
+    `targets`), `per_system` each, half asked `ehull:low` and half `high`: labelling what the model
+    itself draws under each class teaches the token the model's own mistakes within a system."""
     from wyckoffgpt.generation import CrystalGenerator
 
     generator = CrystalGenerator.from_pretrained(model)
