@@ -1,7 +1,7 @@
 """Does the model know which of its own samples are stable? Its likelihood ratio against relaxed results.
 
     python benchmarks/stability_ranking.py --log conditioning.jsonl [--model DIR] [--systems ...]
-                                           [-n 24] [--guidance W] [--guidance-contrast opposite|unknown]
+                                           [-n 24] [--guidance W] [--guidance-contrast opposite|unknown|unknown-for-low]
                                            [--seed 0] [--out ranking.json]
 
 A model conditioned on the stability token is also a classifier: by Bayes' rule
