@@ -124,16 +124,23 @@ def pick_targets(train_systems: list[str], n_systems: int, rng: np.random.Genera
                  intermetallic: bool, targets: list[str] | None = None) -> list[str]:
     """`n_systems` ternaries of the train split's systems (never a val or test system), at random;
     or `targets`, each checked to be a train ternary (InputError naming the first that is not)."""
-    ternaries = sorted({s for s in train_systems if s.count("-") == 2})
     if targets:
-        named = ["-".join(sorted(t.split("-"))) for t in targets]
-        for given, system in zip(targets, named):
-            if system not in ternaries:
-                raise InputError(f"--targets {given}: not a ternary system of the dataset's train split")
-        return list(dict.fromkeys(named))
+        return train_targets(train_systems, targets)
+    ternaries = sorted({s for s in train_systems if s.count("-") == 2})
     if intermetallic:
         ternaries = [s for s in ternaries if is_intermetallic(s)]
     return [ternaries[i] for i in rng.permutation(len(ternaries))[:n_systems]]
+
+
+def train_targets(train_systems: list[str], targets: list[str]) -> list[str]:
+    """`targets` in the split's spelling (elements sorted), each once; InputError naming the first that
+    is not a ternary of the train split (a held-out system would leak its labels into training)."""
+    ternaries = {s for s in train_systems if s.count("-") == 2}
+    named = ["-".join(sorted(t.split("-"))) for t in targets]
+    for given, system in zip(targets, named):
+        if system not in ternaries:
+            raise InputError(f"--targets {given}: not a ternary system of the dataset's train split")
+    return list(dict.fromkeys(named))
 
 
 def plan_samples(data: Path, model: str | None, n_systems: int, per_system: int, max_atoms: int, seed: int,
@@ -291,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.targets and args.source == "log":
             raise InputError("--targets chooses where new crystals are labelled; --source log labels none")
         if args.targets:  # checked before any model loads or relaxation starts
-            args.targets = pick_targets(split_systems(args.data, "train"), 0, np.random.default_rng(0), False,
-                                        args.targets)
+            args.targets = train_targets(split_systems(args.data, "train"), args.targets)
         if args.source != "log":  # only new labels need CHGNet and the training crystals' index
             stability.chgnet_version()
             fingerprints = FingerprintIndex.load(resolve_model_path(args.model) / INDEX_FILE)
