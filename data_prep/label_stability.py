@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         records = label_new(args, meta["stability_threshold"], fingerprints, counts)
         recipe = {"source": "element substitution" if args.source == "substitution" else "model samples",
-                  "intermetallic": args.intermetallic, "systems": args.targets or args.systems, "per_system": args.per_system,
+                  "intermetallic": args.intermetallic, "systems": args.targets or args.systems,
+                  "per_system": args.per_system,
                   "max_atoms": args.max_atoms, "relax_steps": args.relax_steps, "seed": args.seed,
                   "labeller": stability.chgnet_version()}
     counts.update(r["skipped"] or "labelled" for r in records.values())
